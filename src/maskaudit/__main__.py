@@ -1,0 +1,3 @@
+from maskaudit.cli import app
+
+app(prog_name="maskaudit")

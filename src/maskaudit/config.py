@@ -1,0 +1,265 @@
+"""The whole configuration of an audit, as typed pydantic models.
+
+Every key has the study's value as its default where the study has one (SPEC §1–§5).
+Unknown keys, wrong types and missing files are errors that name the key or the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from maskaudit.errors import MaskauditError
+
+#: The masking strategies of SPEC §2 (the study's five) plus the shape-leakage control of SPEC §8.
+STUDY_STRATEGIES = ("full", "no_roi", "no_roi_bbox", "only_roi", "only_roi_bbox")
+STRATEGIES = (*STUDY_STRATEGIES, "roi_shape")
+Strategy = Literal["full", "no_roi", "no_roi_bbox", "only_roi", "only_roi_bbox", "roi_shape"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+SignalPlace = Literal["roi", "outside", "global", "shape", "none"]
+
+
+class SyntheticClass(Strict):
+    """Where the evidence for one synthetic class lives, and how strong it is."""
+
+    signal: SignalPlace = "roi"
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="contrast of the planted signal, 0 = invisible")
+    prevalence: float = Field(0.4, gt=0.0, lt=1.0)
+
+
+class SyntheticMetadata(Strict):
+    """A metadata column of the synthetic data, optionally tied to a class label."""
+
+    correlates_with: str | None = None
+    strength: float = Field(0.0, ge=0.0, le=1.0, description="probability that the value follows the label")
+
+
+class SyntheticData(Strict):
+    source: Literal["synthetic"]
+    kind: Literal["cxr", "fundus"] = "cxr"
+    n_patients: int = Field(120, ge=4)
+    images_per_patient: tuple[int, int] = (1, 3)
+    size: int | None = Field(None, ge=32, description="native size before resize-with-pad; default image_size")
+    classes: dict[str, SyntheticClass] = Field(
+        default_factory=lambda: {
+            "opacity": SyntheticClass(signal="roi"),
+            "device": SyntheticClass(signal="outside"),
+        }
+    )
+    metadata: dict[Literal["sex", "age", "projection", "camera"], SyntheticMetadata] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _metadata_targets_exist(self) -> SyntheticData:
+        for name, meta in self.metadata.items():
+            if meta.correlates_with is not None and meta.correlates_with not in self.classes:
+                raise ValueError(
+                    f"metadata.{name}.correlates_with={meta.correlates_with!r} is not a class "
+                    f"(classes: {', '.join(self.classes)})"
+                )
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+
+class FolderData(Strict):
+    """Any folder of images with masks and a labels CSV (one row per image)."""
+
+    source: Literal["folder"]
+    labels_csv: Path
+    image_column: str = "image"
+    mask_column: str | None = "mask"
+    mask_columns: dict[str, str] = Field(default_factory=dict, description="further named ROIs: name → column")
+    patient_column: str | None = None
+    id_column: str | None = None
+    classes: list[str] = Field(min_length=1)
+    metadata_columns: list[str] = Field(default_factory=list)
+    split_column: str | None = Field(
+        None, description="a column whose value 'test' puts the row in the hold-out test set (official split)"
+    )
+    color: Literal["gray", "rgb"] = "gray"
+
+    @field_validator("labels_csv")
+    @classmethod
+    def _csv_exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"labels CSV not found: {path}")
+        return path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def root(self) -> Path:
+        """Paths in the CSV are relative to the CSV's folder, and must stay inside it."""
+        return self.labels_csv.resolve().parent
+
+
+DataConfig = Annotated[SyntheticData | FolderData, Field(discriminator="source")]
+
+
+# --------------------------------------------------------------------------------------- model/train
+
+
+class ModelConfig(Strict):
+    arch: str = "densenet121"
+    weights: str = Field("imagenet", description="imagenet | none | path to a local state dict")
+    freeze: Literal["study", "none"] = "study"
+    normalize: Literal["none", "imagenet"] = Field(
+        "none", description="the study feeds [0, 1] images without ImageNet mean/std"
+    )
+
+
+class AugmentConfig(Strict):
+    rotation: float = Field(45.0, ge=0.0, le=180.0, description="degrees, uniform in ±rotation")
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: tuple[float, float] = (0.7, 1.1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AugmentConfig:
+        low, high = self.brightness
+        if not 0 < low <= high:
+            raise ValueError(f"brightness must be 0 < low <= high, got {self.brightness}")
+        return self
+
+
+NO_AUGMENT = AugmentConfig(rotation=0.0, hflip=0.0, brightness=(1.0, 1.0))
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(250, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    patience: int = Field(25, ge=1)
+    min_delta: float = Field(0.001, ge=0)
+    augment: AugmentConfig = AugmentConfig()
+    num_workers: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(False, description="mixed precision on CUDA")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, value: Any) -> Any:
+        if value is True:
+            return AugmentConfig()
+        if value is False:
+            return NO_AUGMENT
+        return value
+
+
+class PredictConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    validation: bool = Field(True, description="also predict each fold's validation split (SPEC §5)")
+
+
+class ReportConfig(Strict):
+    title: str = "maskaudit report"
+
+
+# --------------------------------------------------------------------------------------------- root
+
+
+class AuditConfig(Strict):
+    data: DataConfig
+    image_size: int = Field(512, ge=16)
+    roi: str | None = Field(None, description="named ROI or union 'a+b'; default the source's first ROI")
+    strategies: list[Strategy] = Field(default_factory=lambda: list(STUDY_STRATEGIES), min_length=1)
+    test_strategies: list[Strategy] | None = Field(None, description="default: the same as strategies")
+    spread: int = Field(0, description="dilate (>0) or erode (<0) the ROI by this many 3x3-cross iterations")
+    fill: Literal["zero", "mean", "noise"] = "zero"
+    folds: int = Field(5, ge=2)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 1907
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    report: ReportConfig = ReportConfig()
+    workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
+    executor: Literal["local", "ray"] = "local"
+
+    @field_validator("strategies", "test_strategies")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"strategies repeat a name: {value}")
+        return value
+
+    @property
+    def eval_strategies(self) -> list[str]:
+        return list(self.test_strategies or self.strategies)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.class_names
+
+    def section_hash(self, *keys: str) -> str:
+        """A fingerprint of the named top-level sections, for stage skipping."""
+        dump = self.model_dump(mode="json")
+        chosen = {key: dump[key] for key in keys}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _error_line(exc: ValidationError, origin: str) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        elif err["type"] == "missing":
+            parts.append(f"missing key {where!r}")
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("labels_csv"), str):
+        csv = Path(data["labels_csv"]).expanduser()
+        data["labels_csv"] = str(csv if csv.is_absolute() else (base / csv))
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config", base: Path | None = None) -> AuditConfig:
+    """Validate a config mapping; relative data paths are taken from ``base``."""
+    if not isinstance(raw, dict):
+        raise MaskauditError(f"{origin}: expected a mapping of keys at the top level")
+    raw = _resolve_paths(json.loads(json.dumps(raw)), base or Path.cwd())
+    try:
+        return AuditConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise MaskauditError(_error_line(exc, origin)) from None
+
+
+def load_config(path: Path) -> AuditConfig:
+    """Read and validate a YAML config; relative paths in it are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskauditError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MaskauditError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return config_from_dict(raw or {}, origin=str(path), base=path.resolve().parent)
+
+
+def dump_config(config: AuditConfig) -> str:
+    """The resolved config as YAML, with every default written out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,82 @@
+"""What every data source yields: kept records with a way to load their pixels, or rejected rows.
+
+A source reads its own files and fixes its own spelling of labels and metadata (one class per
+dataset, as in torchxrayvision); the prepared store treats all sources alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image the source offers.
+
+    ``labels`` maps every class of the source to 0 or 1; ``metadata`` maps every metadata
+    column to a value (``None`` when missing); ``split`` is an official split (``"test"``
+    puts the image in the hold-out set) or ``None``; ``key`` is whatever the source's
+    :meth:`Source.load` needs (a row number, a path), and must be picklable.
+    """
+
+    image_id: str
+    patient_id: str
+    labels: dict[str, int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source_path: str = ""
+    split: str | None = None
+    key: Any = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A row the source could not use, and why. Every rejected row lands in the manifest."""
+
+    image_id: str
+    reason: str
+    source_path: str = ""
+    row: int | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Pixels of one record at its native size.
+
+    ``image``: (H, W) gray or (H, W, 3) RGB, any integer or float dtype;
+    ``rois``: every named ROI of the source as a bool (H, W) array.
+    """
+
+    image: np.ndarray
+    rois: dict[str, np.ndarray]
+
+
+class Source(ABC):
+    """Base class of the data sources. Instances must be picklable (workers load in parallel)."""
+
+    name: str = ""
+    #: named ROIs in order; the first is the default ROI of a run
+    rois: tuple[str, ...] = ()
+    #: 1 for gray (X-ray), 3 for RGB (fundus)
+    channels: int = 1
+
+    @property
+    @abstractmethod
+    def classes(self) -> list[str]:
+        """The class names, in the order of the label columns."""
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return []
+
+    @abstractmethod
+    def records(self) -> Iterator[Record | Rejected]:
+        """Every row of the source, in a stable order, kept or rejected."""
+
+    @abstractmethod
+    def load(self, record: Record) -> Loaded:
+        """Decode one record's image and ROI masks. Raise ``MaskauditError`` for an unreadable file."""
