@@ -4,12 +4,36 @@ The ROI of a run at spread ``k`` is read off one signed taxicab distance map per
 ``k`` iterations of OpenCV's 3x3 ``MORPH_ELLIPSE`` (the plus-shaped cross) dilate a mask to
 the pixels within taxicab distance ``k`` of it, and erode it to the pixels whose taxicab
 distance to the background is more than ``k``. Every spread is therefore one comparison.
+
+On top of that ROI, :func:`apply_strategy` builds the image a model is fed under each strategy
+(``full``, ``no_roi``, ``no_roi_bbox``, ``only_roi``, ``only_roi_bbox``, and the shape-leakage
+control ``roi_shape`` of SPEC §8), with the removed pixels filled with zero (the study), a
+constant (the dataset mean) or seeded Gaussian noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
 from scipy import ndimage
+
+from maskaudit.config import STRATEGIES
+
+__all__ = [
+    "DEFAULT_NOISE_STD",
+    "FAR",
+    "FILLS",
+    "REFERENCE_SIZE",
+    "STRATEGIES",
+    "SWEEP_SPREADS",
+    "apply_strategy",
+    "bounding_box",
+    "roi_at_spread",
+    "scale_spread",
+    "signed_taxicab_distance",
+]
 
 #: Distances are stored as int16; farther than this counts as "infinitely far".
 FAR = np.iinfo(np.int16).max
@@ -41,3 +65,192 @@ def signed_taxicab_distance(mask: np.ndarray) -> np.ndarray:
     np.clip(signed, -FAR, FAR, out=signed)
     out[...] = signed
     return out
+
+
+# ------------------------------------------------------------------------------------ spread & sweep
+
+#: The image size at which the study gives its spreads (SPEC §6.4).
+REFERENCE_SIZE = 512
+
+#: The dilation sweep's spreads at S = 512 (SPEC §6.4); scale them with :func:`scale_spread`.
+SWEEP_SPREADS = (0, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500)
+
+
+def roi_at_spread(dist: torch.Tensor, spread: int) -> torch.Tensor:
+    """The ROI after spread ``spread``: ``dist <= spread``, as a bool tensor of ``dist``'s shape.
+
+    ``dist`` is a signed taxicab distance map (:func:`signed_taxicab_distance`), int16, of any
+    shape — typically (B, 1, S, S) or (B, S, S) — on any device; the result stays on that device.
+    ``spread > 0`` dilates by that many 3x3-cross iterations, ``spread < 0`` erodes, 0 is the mask.
+    Spreads beyond the int16 range are clamped so that an empty mask stays empty at any
+    dilation and a full mask stays full at any erosion.
+    """
+    if not isinstance(dist, torch.Tensor):
+        raise TypeError(f"dist must be a torch.Tensor, got {type(dist).__name__}")
+    if dist.dtype.is_floating_point or dist.dtype.is_complex or dist.dtype == torch.bool:
+        raise TypeError(f"dist must be an integer distance map (int16), got {dist.dtype}")
+    limit = int(FAR) - 1
+    return dist <= max(-limit, min(limit, int(spread)))
+
+
+def scale_spread(spread_at_512: int, image_size: int) -> int:
+    """A spread given at S = 512 (SPEC §6.4), scaled to ``image_size``.
+
+    ``spread * image_size / 512``, rounded to the nearest integer with halves away from zero, so
+    that ``scale_spread(-k, S) == -scale_spread(k, S)``. The sign is kept: 0 stays 0, and a
+    non-zero spread never rounds to 0 (it becomes at least 1 in magnitude), so a dilation or
+    erosion that was asked for is never silently dropped at a small image size.
+    """
+    spread, size = int(spread_at_512), int(image_size)
+    if size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if spread == 0:
+        return 0
+    magnitude = (2 * abs(spread) * size + REFERENCE_SIZE) // (2 * REFERENCE_SIZE)
+    return (1 if spread > 0 else -1) * max(1, magnitude)
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+#: How the removed pixels are filled: zero (the study), a constant, or seeded Gaussian noise (SPEC §8).
+FILLS = ("zero", "mean", "noise")
+
+#: Standard deviation of the ``noise`` fill when the caller gives none: about the within-image
+#: standard deviation of a max-scaled chest X-ray (0.21 on the shared ieee8023 set).
+DEFAULT_NOISE_STD = 0.2
+
+
+def bounding_box(roi: torch.Tensor) -> torch.Tensor:
+    """The filled bounding box of each ROI of a batch: bool (B, 1, S, S) → bool (B, 1, S, S).
+
+    The smallest axis-aligned box that contains every ROI pixel, its last row and column
+    included (the study's slice ``[min_r:max_r, min_c:max_c]`` drops them: a bug we do not copy).
+    An empty ROI gives an empty box. Vectorised over the batch (and any leading dimensions)
+    and computed on the ROI's device: a row is inside the box when some ROI row lies at or above
+    it and some at or below it, and likewise for columns.
+    """
+    if roi.ndim < 2:
+        raise ValueError(f"roi must have at least 2 dimensions (..., H, W), got shape {tuple(roi.shape)}")
+    roi = roi if roi.dtype == torch.bool else roi != 0
+    rows = roi.any(dim=-1).to(torch.int32)  # (..., H)
+    cols = roi.any(dim=-2).to(torch.int32)  # (..., W)
+
+    def _between(hits: torch.Tensor) -> torch.Tensor:
+        before = hits.cumsum(dim=-1) > 0
+        after = hits.flip(-1).cumsum(dim=-1).flip(-1) > 0
+        return before & after
+
+    return _between(rows).unsqueeze(-1) & _between(cols).unsqueeze(-2)
+
+
+def _check_batch(images: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, S, S), got shape {tuple(images.shape)}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"images must be floating point in [0, 1], got {images.dtype}")
+    b, _, h, w = images.shape
+    if roi.ndim != 4 or roi.shape[1] != 1 or roi.shape[0] != b or tuple(roi.shape[2:]) != (h, w):
+        raise ValueError(
+            f"roi must be (B, 1, S, S) matching images {tuple(images.shape)}, got shape {tuple(roi.shape)}"
+        )
+    roi = roi if roi.dtype == torch.bool else roi != 0
+    return roi.to(images.device)
+
+
+def _channel_values(value: float | Sequence[float], channels: int) -> torch.Tensor:
+    """``value`` as a float32 (C, 1, 1) tensor on the CPU: one scalar for all channels, or one each."""
+    values = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if values.numel() == 1:
+        values = values.expand(channels)
+    elif values.numel() != channels:
+        raise ValueError(f"fill_value needs 1 or {channels} values (one per channel), got {values.numel()}")
+    return values.reshape(channels, 1, 1)
+
+
+def _noise(
+    shape: tuple[int, int, int, int], seeds: torch.Tensor, mean: torch.Tensor, std: float
+) -> torch.Tensor:
+    """Per-image seeded noise N(mean, std²) clipped to [0, 1], float32 on the CPU, (B, C, H, W)."""
+    out = torch.empty(shape, dtype=torch.float32)
+    generator = torch.Generator(device="cpu")
+    for b, seed in enumerate(seeds.tolist()):
+        generator.manual_seed(int(seed))
+        torch.randn(shape[1:], generator=generator, out=out[b])
+    return out.mul_(std).add_(mean).clamp_(0.0, 1.0)
+
+
+def apply_strategy(
+    images: torch.Tensor,
+    roi: torch.Tensor,
+    strategy: str,
+    fill: str = "zero",
+    fill_value: float | Sequence[float] = 0.0,
+    noise_seeds: torch.Tensor | None = None,
+    *,
+    noise_std: float = DEFAULT_NOISE_STD,
+) -> torch.Tensor:
+    """The images a model is fed under ``strategy`` (SPEC §2 and §8).
+
+    ``images``: float (B, C, S, S) in [0, 1]; ``roi``: bool (B, 1, S, S), the ROI after spread
+    (moved to the images' device). With ``keep`` the pixels the strategy keeps:
+
+    - ``full``: ``images`` itself (returned as is, not copied);
+    - ``no_roi``: keep outside the ROI; ``no_roi_bbox``: keep outside :func:`bounding_box`;
+    - ``only_roi``: keep inside the ROI; ``only_roi_bbox``: keep inside the bounding box;
+    - ``roi_shape``: the ROI silhouette alone, 1.0 inside and 0.0 outside, in every channel
+      (the shape-leakage control; ``fill`` does not apply).
+
+    Every other pixel is filled according to ``fill``:
+
+    - ``zero`` (the study): 0.0, exactly ``images * keep``;
+    - ``mean``: the constant ``fill_value`` — the dataset's mean intensity, one value or one per
+      channel — so the removed region is no longer darker than the image around it;
+    - ``noise``: independent Gaussian noise per pixel and channel with mean ``fill_value`` and
+      standard deviation ``noise_std`` (pass the dataset's pixel standard deviation to match the
+      image's first two moments), clipped to [0, 1] so the input stays a valid image (clipping
+      pulls the mean towards 0.5 when ``fill_value`` lies within ~2 ``noise_std`` of 0 or 1). The
+      noise of image ``b`` is drawn on the CPU by a ``torch.Generator`` seeded with
+      ``noise_seeds[b]`` and then moved to the images' device, so an image gets the same noise
+      whatever batch it sits in and on any device; ``noise_seeds`` (int64, shape (B,)) is required.
+
+    The result has the images' dtype and device. Unknown strategies or fills are a ValueError
+    naming the known ones.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known strategies: {', '.join(STRATEGIES)}")
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}; known fills: {', '.join(FILLS)}")
+    roi = _check_batch(images, roi)
+    if strategy == "full":
+        return images
+    if strategy == "roi_shape":
+        return roi.to(images.dtype).expand_as(images).contiguous()
+
+    if strategy == "no_roi":
+        keep = ~roi
+    elif strategy == "no_roi_bbox":
+        keep = ~bounding_box(roi)
+    elif strategy == "only_roi":
+        keep = roi
+    else:  # only_roi_bbox
+        keep = bounding_box(roi)
+
+    if fill == "zero":
+        return images * keep
+    b, c = images.shape[:2]
+    mean = _channel_values(fill_value, c)
+    if fill == "mean":
+        filler = mean.to(device=images.device, dtype=images.dtype)
+    else:
+        if noise_seeds is None:
+            raise ValueError("fill='noise' needs noise_seeds: one int64 seed per image, shape (B,)")
+        seeds = torch.as_tensor(noise_seeds).flatten()
+        if seeds.numel() != b or seeds.dtype.is_floating_point:
+            raise ValueError(
+                f"noise_seeds must be {b} integer seeds (one per image), got {seeds.numel()} of {seeds.dtype}"
+            )
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        noise = _noise(tuple(images.shape), seeds.cpu(), mean, float(noise_std))
+        filler = noise.to(device=images.device, dtype=images.dtype)
+    return torch.where(keep, images, filler)

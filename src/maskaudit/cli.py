@@ -1,0 +1,174 @@
+"""The ``maskaudit`` command: the whole audit (``run``, ``demo``) and each of its stages alone.
+
+A thin layer over :class:`maskaudit.pipeline.Audit`: it parses arguments, sets up logging
+into the run directory, and turns a :class:`MaskauditError` into one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.logging import RichHandler
+
+from maskaudit.config import config_from_dict, load_config
+from maskaudit.errors import MaskauditError
+from maskaudit.pipeline import Audit
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Audit whether an image classifier relies on the region of interest or on shortcuts outside it.",
+)
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="run directory (created if needed)")]
+OptionalConfig = Annotated[
+    Path | None, typer.Option("--config", "-c", help="config YAML; default: the run directory's config.yaml")
+]
+Force = Annotated[bool, typer.Option("--force", help="redo the stage even if it is up to date")]
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    console.setLevel(logging.INFO)
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a user's error in one line and exit 1; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MaskauditError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: run the same command again to continue where it stopped", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _audit(out: Path, config: Path | None) -> Audit:
+    audit = Audit.open(out, config)
+    _setup_logging(audit.run.log)
+    return audit
+
+
+@app.command()
+@user_errors
+def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -> None:
+    """The whole audit: prepare, split, train, predict, metrics, report."""
+    audit = Audit.create(out, load_config(config))
+    _setup_logging(audit.run.log)
+    report = audit.run_all()
+    typer.echo(f"report: {report}")
+
+
+def demo_config(kind: str) -> dict:
+    """The built-in demo config (synthetic data with known truth) as a mapping."""
+    import yaml
+
+    name = f"demo-{kind}.yaml"
+    text = resources.files("maskaudit").joinpath("configs", name).read_text()
+    return yaml.safe_load(text)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
+    kind: Annotated[str, typer.Option(help="cxr (chest X-ray-like) or fundus")] = "cxr",
+) -> None:
+    """The whole audit on built-in synthetic images whose truth is known, then the report's path."""
+    if kind not in ("cxr", "fundus"):
+        raise MaskauditError(f"--kind must be cxr or fundus, got {kind!r}")
+    audit = Audit.create(out, config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml"))
+    _setup_logging(audit.run.log)
+    report = audit.run_all()
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+@user_errors
+def prepare(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
+    """Decode, resize with padding and store every image, mask and distance map once."""
+    _audit(out, config).prepare(force)
+
+
+@app.command()
+@user_errors
+def split(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
+    """Patient-grouped hold-out test set and cross-validation folds (splits.json)."""
+    _audit(out, config).split(force)
+
+
+@app.command()
+@user_errors
+def train(
+    out: Out,
+    config: OptionalConfig = None,
+    strategy: Annotated[list[str] | None, typer.Option(help="only this training strategy (repeatable)")] = None,
+    fold: Annotated[list[int] | None, typer.Option(help="only this fold (repeatable)")] = None,
+    force: Force = False,
+) -> None:
+    """Train the grid of jobs (training strategy x fold), or a part of it."""
+    audit = _audit(out, config)
+    only = None
+    if strategy or fold:
+        unknown = [s for s in strategy or [] if s not in audit.config.strategies]
+        if unknown:
+            raise MaskauditError(f"--strategy {unknown[0]} is not in the config's strategies")
+        only = [(s, k) for s, k in audit.jobs if (not strategy or s in strategy) and (not fold or k in fold)]
+    audit.train(only=only, force=force)
+
+
+@app.command()
+@user_errors
+def predict(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
+    """Every model on the hold-out set under every test strategy → predictions.parquet."""
+    _audit(out, config).predict(force)
+
+
+@app.command()
+@user_errors
+def metrics(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
+    """AUC per fold and fold-mean matrices per class, with heatmaps."""
+    _audit(out, config).metrics(force)
+
+
+@app.command()
+@user_errors
+def report(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
+    """Write the self-contained report.html."""
+    audit = _audit(out, config)
+    audit.report(force)
+    typer.echo(f"report: {audit.run.report}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="maskaudit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

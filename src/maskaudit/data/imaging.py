@@ -1,0 +1,205 @@
+"""Decoding image and mask files, and the resize-with-padding of SPEC §1.
+
+Every file goes through :func:`read_image` or :func:`read_mask`, which turn Pillow's many modes
+into a few array shapes and turn every decoding problem (missing, corrupt, truncated, a
+decompression bomb) into a :class:`~maskaudit.errors.MaskauditError` that names the file.
+:func:`resize_pad` is the one geometric transform; the prepared store applies it to images
+and masks alike, so both land on the same pixel grid.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from maskaudit.errors import MaskauditError
+
+Color = Literal["gray", "rgb"]
+
+#: Pillow modes whose pixels are wider than 8 bits; decoded through numpy, never ``convert("L")``
+#: (which clips 16-bit values instead of scaling them).
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` (first frame), as a Pillow image.
+
+    Pillow's decompression-bomb *warning* (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is
+    raised as an error here, as is its error (twice that); truncated and corrupt files fail
+    while decoding, because ``load()`` is called before returning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MaskauditError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)
+                img.load()
+                return img.copy() if img.mode != "P" else img.convert("RGBA" if _has_alpha(img) else "RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise MaskauditError(
+            f"{path}: refused as a possible decompression bomb ({exc}); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
+        raise MaskauditError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
+
+
+def _wide_to_uint16(values: np.ndarray) -> np.ndarray:
+    """Integer or float pixels of a 'wide' mode as uint16.
+
+    Values already in [0, 65535] and integral are kept exactly. Anything else (negative
+    values, floats, 32-bit ranges) is mapped linearly from [min, max] onto [0, 65535].
+    """
+    if values.dtype == np.uint16:
+        return values
+    if values.size == 0:
+        return values.astype(np.uint16)
+    low, high = float(values.min()), float(values.max())
+    integral = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
+    if low >= 0 and high <= 65535 and integral:
+        return values.astype(np.uint16)
+    span = high - low if high > low else 1.0
+    return np.rint((values.astype(np.float64) - low) / span * 65535).astype(np.uint16)
+
+
+def read_image(path: Path, color: Color = "gray") -> np.ndarray:
+    """Decode one image file into a gray or RGB array.
+
+    Parameters
+    ----------
+    path : Path
+        Any file Pillow reads (PNG, JPEG, TIFF, BMP …), 8 or 16 bit, any mode.
+    color : {"gray", "rgb"}
+        ``"gray"``: one channel. 16-bit (and 32-bit integer / float) files keep their
+        precision as uint16; 8-bit files stay uint8; colour files are converted with
+        Pillow's luma transform (ITU-R 601-2); the alpha of LA/RGBA is dropped.
+        ``"rgb"``: three channels as uint8; 16-bit gray files are narrowed (``round(v / 257)``)
+        and copied to the three channels; alpha is dropped (not composited).
+
+    Returns
+    -------
+    ndarray of shape (H, W) (uint8 or uint16) for gray, (H, W, 3) uint8 for rgb.
+
+    Raises
+    ------
+    MaskauditError
+        When the file is missing, not an image, truncated or corrupt, or larger than
+        ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb).
+    """
+    if color not in ("gray", "rgb"):
+        raise ValueError(f"color must be 'gray' or 'rgb', got {color!r}")
+    img = _open(path)
+    if img.mode in _WIDE_MODES:
+        gray16 = _wide_to_uint16(np.asarray(img))
+        if color == "gray":
+            return np.ascontiguousarray(gray16)
+        narrow = np.rint(gray16.astype(np.float32) / 257.0).astype(np.uint8)
+        return np.repeat(narrow[:, :, None], 3, axis=2)
+    if color == "gray":
+        if img.mode in ("LA", "La"):
+            return np.asarray(img)[:, :, 0].copy()
+        if img.mode != "L":
+            img = img.convert("L")
+        return np.asarray(img).copy()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img).copy()
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode a mask file as a bool (H, W) array: the pixels that are not black.
+
+    Gray masks (any bit depth): ``value > 0``. Colour masks (RGB, paletted): a pixel is in the
+    mask when any of its colour channels is ``> 0``, so a mask drawn in any colour works (for
+    gray-looking colour files this is the same as the first channel). Alpha is ignored.
+
+    Raises
+    ------
+    MaskauditError
+        As :func:`read_image`.
+    """
+    img = _open(path)
+    values = np.asarray(img)
+    if values.ndim == 2:
+        return values > 0
+    if img.mode in ("LA", "La"):
+        return values[:, :, 0] > 0
+    return np.any(values[:, :, :3] > 0, axis=2)
+
+
+def pad_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where an (height, width) array lands inside the size x size square.
+
+    Returns ``(new_height, new_width, top, left)``: the longer side becomes ``size``, the
+    other keeps the aspect ratio (rounded, at least 1), and the content is centred (the
+    extra pixel of an odd padding goes to the bottom / right).
+    """
+    if height < 1 or width < 1:
+        raise MaskauditError(f"cannot resize an empty array of shape ({height}, {width})")
+    scale = size / max(height, width)
+    new_h = size if height >= width else max(1, min(size, round(height * scale)))
+    new_w = size if width >= height else max(1, min(size, round(width * scale)))
+    return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "image") -> np.ndarray:
+    """Resize with padding to a square (SPEC §1), keeping the aspect ratio.
+
+    The longer side becomes ``size``; the content is centred on a zero background.
+    ``cv2.INTER_AREA`` is used when shrinking, ``cv2.INTER_LINEAR`` when enlarging, no
+    interpolation when the longer side already equals ``size``.
+
+    Parameters
+    ----------
+    array : ndarray of shape (H, W) or (H, W, C)
+        An image (any numeric dtype) or a mask (bool or numeric, nonzero = inside).
+    size : int
+        Side of the square output.
+    kind : {"image", "mask"}
+        ``"image"``: the resized, padded image divided by its own maximum (one maximum over
+        all channels, taken after resizing, so the result spans [0, 1]; an all-zero image
+        stays zero). ``"mask"``: the same resize of the mask as 0/1 floats, then ``> 0``.
+
+    Returns
+    -------
+    ndarray of shape (size, size) or (size, size, C): float32 for images, bool for masks.
+    """
+    if kind not in ("image", "mask"):
+        raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    arr = np.asarray(array)
+    if arr.ndim not in (2, 3):
+        raise MaskauditError(f"expected an (H, W) or (H, W, C) array, got shape {arr.shape}")
+    height, width = arr.shape[:2]
+    new_h, new_w, top, left = pad_geometry(height, width, size)
+    src = (arr > 0 if kind == "mask" else arr).astype(np.float32)
+    if (new_h, new_w) != (height, width):
+        shrinking = new_h < height or new_w < width
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = cv2.resize(src, (new_w, new_h), interpolation=interpolation)
+        if arr.ndim == 3 and resized.ndim == 2:  # OpenCV drops a channel axis of length 1
+            resized = resized[:, :, None]
+    else:
+        resized = src
+    out = np.zeros((size, size, *arr.shape[2:]), dtype=np.float32)
+    out[top : top + new_h, left : left + new_w] = resized
+    if kind == "mask":
+        return out > 0
+    np.clip(out, 0.0, None, out=out)  # INTER_LINEAR never overshoots, but stay safe for negative input
+    peak = float(out.max())
+    if peak > 0:
+        out /= peak
+    return out

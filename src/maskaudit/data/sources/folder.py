@@ -1,0 +1,252 @@
+"""Any folder of images with masks and a labels CSV: the source for users' own data.
+
+One CSV row per image. Paths in the CSV are relative to the CSV's folder and must stay inside
+it. Row numbers in messages and in :attr:`Rejected.row` count the header as row 1, so the
+first data row is row 2: the number a spreadsheet shows beside the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from maskaudit.config import FolderData
+from maskaudit.data.imaging import read_image, read_mask
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.errors import MaskauditError
+
+#: The ROI name given to ``mask_column``.
+DEFAULT_ROI = "roi"
+
+
+class FolderKey(NamedTuple):
+    """What :meth:`FolderSource.load` needs: the CSV row number and absolute file paths."""
+
+    row: int
+    image: str
+    masks: tuple[tuple[str, str], ...]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _plain(value: Any) -> Any:
+    """A CSV cell as a plain Python value: NaN → None, numpy scalars → int/float/str/bool."""
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _label(value: Any) -> int | None:
+    """0 or 1 from a cell such as ``1``, ``"0"``, ``1.0``; None for anything else."""
+    if _blank(value):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+class FolderSource(Source):
+    """Images, masks and labels listed in one CSV (SPEC §1, "a folder (any user data)").
+
+    ROIs: ``mask_column`` gives the ROI named ``"roi"``; each ``mask_columns`` entry
+    ``{name: column}`` another named ROI; the first ROI is the default ROI of a run. With no
+    mask column at all the source has no ROI.
+
+    A row is rejected (with a reason naming the CSV row) for: an empty or missing image or
+    mask path, a path that leaves the CSV's folder, a missing image or mask file, a label that
+    is not 0/1 (or is missing), a missing patient id (when ``patient_column`` is set), a
+    missing image id (when ``id_column`` is set), and an image id seen on an earlier kept row.
+
+    Parameters
+    ----------
+    config : FolderData
+        The ``data`` section of the config.
+
+    Raises
+    ------
+    MaskauditError
+        When the CSV cannot be read, or lacks any column the config names (all listed at once).
+    """
+
+    name = "folder"
+
+    def __init__(self, config: FolderData) -> None:
+        self.config = config
+        self.csv = Path(config.labels_csv)
+        self.root = config.root
+        self.color = config.color
+        self.channels = 1 if config.color == "gray" else 3
+        self._mask_columns: dict[str, str] = {}
+        if config.mask_column is not None:
+            self._mask_columns[DEFAULT_ROI] = config.mask_column
+        for roi, column in config.mask_columns.items():
+            if roi in self._mask_columns:
+                raise MaskauditError(
+                    f"{self.csv}: ROI name {roi!r} in mask_columns clashes with the ROI of mask_column "
+                    f"(named {DEFAULT_ROI!r}); pick another name"
+                )
+            if "+" in roi:
+                raise MaskauditError(f"{self.csv}: ROI name {roi!r} may not contain '+' (it joins ROIs)")
+            self._mask_columns[roi] = column
+        self.rois = tuple(self._mask_columns)
+        header = self._read(nrows=0)
+        missing = [column for column in self._used_columns() if column not in header.columns]
+        if missing:
+            raise MaskauditError(
+                f"{self.csv}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                f"the CSV has {', '.join(repr(str(c)) for c in header.columns)}"
+            )
+        self._csv_sha = hashlib.sha256(self.csv.read_bytes()).hexdigest()[:16]
+
+    # ----------------------------------------------------------------------------------- metadata
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.classes)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return list(self.config.metadata_columns)
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.csv}, sha256={self._csv_sha}, rois={list(self.rois)}, color={self.color})"
+
+    def describe(self) -> dict[str, Any]:
+        """What the prepared store records about this source (and compares on a re-run)."""
+        return {
+            "name": self.name,
+            "labels_csv": str(self.csv.resolve()),
+            "csv_sha256": self._csv_sha,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    def _used_columns(self) -> list[str]:
+        cfg = self.config
+        columns = [cfg.image_column, *self._mask_columns.values()]
+        columns += [c for c in (cfg.patient_column, cfg.id_column, cfg.split_column) if c is not None]
+        columns += [*cfg.classes, *cfg.metadata_columns]
+        return list(dict.fromkeys(columns))
+
+    def _read(self, nrows: int | None = None) -> pd.DataFrame:
+        cfg = self.config
+        as_text = [cfg.image_column, *self._mask_columns.values(), *cfg.classes]
+        as_text += [c for c in (cfg.patient_column, cfg.id_column, cfg.split_column) if c is not None]
+        try:
+            return pd.read_csv(self.csv, nrows=nrows, dtype=dict.fromkeys(as_text, str))
+        except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise MaskauditError(f"{self.csv}: cannot read the labels CSV ({exc})") from None
+
+    # ------------------------------------------------------------------------------------ records
+
+    def _resolve(self, value: Any, what: str, problems: list[str]) -> Path | None:
+        """An absolute path inside the root, or None with the problem appended."""
+        if _blank(value):
+            problems.append(f"empty {what} path")
+            return None
+        text = str(value).strip()
+        path = (self.root / text).resolve()
+        if not path.is_relative_to(self.root):
+            problems.append(f"{what} path leaves the data folder {self.root}: {text}")
+            return None
+        if not path.is_file():
+            problems.append(f"{what} file not found: {text}")
+            return None
+        return path
+
+    def records(self) -> Iterator[Record | Rejected]:
+        """Every CSV row in file order: a :class:`Record`, or a :class:`Rejected` with its reasons.
+
+        A row with several problems names them all, separated by ``"; "``, and ends with the
+        CSV row; the text before the first ``":"``, ``";"`` or ``"("`` is the kind of the first
+        problem (what the store's counts group by).
+        """
+        cfg = self.config
+        frame = self._read()
+        seen: dict[str, int] = {}
+        for position, row in enumerate(frame.to_dict("records")):
+            line = position + 2  # header is row 1
+            problems: list[str] = []
+            image_text = row[cfg.image_column]
+            image_path = self._resolve(image_text, "image", problems)
+            masks: list[tuple[str, str]] = []
+            for roi, column in self._mask_columns.items():
+                what = "mask" if roi == DEFAULT_ROI else f"mask {roi!r}"
+                mask_path = self._resolve(row[column], what, problems)
+                if mask_path is not None:
+                    masks.append((roi, str(mask_path)))
+            labels: dict[str, int] = {}
+            for name in cfg.classes:
+                label = _label(row[name])
+                if label is None:
+                    shown = "missing" if _blank(row[name]) else repr(str(row[name]).strip())
+                    problems.append(f"label {name!r} not 0/1: {shown}")
+                else:
+                    labels[name] = label
+            if cfg.id_column is not None:
+                image_id = "" if _blank(row[cfg.id_column]) else str(row[cfg.id_column]).strip()
+                if not image_id:
+                    problems.append("missing image id")
+            else:
+                image_id = Path(str(image_text).strip()).stem if not _blank(image_text) else ""
+            if cfg.patient_column is not None:
+                patient_id = "" if _blank(row[cfg.patient_column]) else str(row[cfg.patient_column]).strip()
+                if not patient_id:
+                    problems.append("missing patient id")
+            else:
+                patient_id = image_id
+            if image_id and image_id in seen and not problems:
+                problems.append(f"duplicate image id: {image_id!r} (first on row {seen[image_id]})")
+            source_path = "" if _blank(image_text) else str(image_text).strip()
+            if problems:
+                reason = "; ".join(problems) + f" ({self.csv.name} row {line})"
+                yield Rejected(image_id=image_id, reason=reason, source_path=source_path, row=line)
+                continue
+            assert image_path is not None
+            seen[image_id] = line
+            split = None
+            if cfg.split_column is not None and not _blank(row[cfg.split_column]):
+                split = str(row[cfg.split_column]).strip().lower()
+            yield Record(
+                image_id=image_id,
+                patient_id=patient_id,
+                labels=labels,
+                metadata={name: _plain(row[name]) for name in cfg.metadata_columns},
+                source_path=source_path,
+                split=split,
+                key=FolderKey(row=line, image=str(image_path), masks=tuple(masks)),
+            )
+
+    # --------------------------------------------------------------------------------------- load
+
+    def load(self, record: Record) -> Loaded:
+        """Decode the record's image and masks.
+
+        Raises
+        ------
+        MaskauditError
+            When a file cannot be decoded, or a mask's size differs from the image's.
+        """
+        key: FolderKey = record.key
+        image = read_image(Path(key.image), self.color)
+        rois: dict[str, np.ndarray] = {}
+        for roi, mask_path in key.masks:
+            mask = read_mask(Path(mask_path))
+            if mask.shape != image.shape[:2]:
+                raise MaskauditError(
+                    f"mask size mismatch: {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                    f"{key.image} is {image.shape[1]}x{image.shape[0]} ({self.csv.name} row {key.row})"
+                )
+            rois[roi] = mask
+        return Loaded(image=image, rois=rois)

@@ -1,0 +1,130 @@
+"""Batches of masked images from the prepared store, for training and prediction.
+
+Workers only slice the memory-mapped store (integers: pixels and signed distances); the
+conversion to float, the ROI at the run's spread and the masking strategy happen on the
+device, on the whole batch (SPEC §2: masking before augmentation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from maskaudit.config import AuditConfig
+from maskaudit.data.store import Store
+from maskaudit.errors import MaskauditError
+from maskaudit.masking import apply_strategy, roi_at_spread
+
+
+def roi_key(config: AuditConfig, store: Store) -> str:
+    """The ROI a run masks: the config's ``roi`` (a name or a union ``a+b``) or the store's first ROI."""
+    key = config.roi or store.rois[0]
+    unknown = [name for name in key.split("+") if name not in store.rois]
+    if unknown:
+        raise MaskauditError(
+            f"roi {key!r}: no ROI named {', '.join(map(repr, unknown))}; this data has {', '.join(store.rois)}"
+        )
+    return key
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MaskauditError(f"train.device={name!r} but CUDA is not available here; use `auto` or `cpu`")
+    return device
+
+
+@dataclass
+class Batch:
+    """One batch on the device: raw pixels in [0, 1], the ROI at the run's spread, labels, store indices."""
+
+    images: torch.Tensor  # float (B, C, S, S)
+    roi: torch.Tensor  # bool (B, 1, S, S)
+    labels: torch.Tensor  # float (B, K)
+    index: torch.Tensor  # int64 (B,)
+
+    def masked(self, strategy: str, config: AuditConfig, store: Store) -> torch.Tensor:
+        """The batch as a model trained or tested under ``strategy`` sees it."""
+        seeds = self.index + np.int64(config.seed) * 1_000_003 if config.fill == "noise" else None
+        return apply_strategy(
+            self.images,
+            self.roi,
+            strategy,
+            fill=config.fill,
+            fill_value=store.mean_intensity,
+            noise_seeds=seeds,
+        )
+
+
+class _StoreRows(Dataset):
+    """Rows of the store, fetched a whole batch at a time (``__getitems__``)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+
+    def __len__(self) -> int:
+        return self.store.n
+
+    def __getitems__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")  # memory maps read fastest in order
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_idx = idx[order]
+        images = np.asarray(self.store.images[sorted_idx])[inverse]
+        dist = np.asarray(self.store.distance(self.key)[sorted_idx])[inverse]
+        return {
+            "images": torch.from_numpy(images.astype(np.int32) if images.dtype == np.uint16 else images),
+            "dist": torch.from_numpy(dist),
+            "labels": torch.from_numpy(self.store.labels[idx]),
+            "index": torch.from_numpy(idx),
+        }
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:  # pragma: no cover - DataLoader uses __getitems__
+        return {k: v[0] for k, v in self.__getitems__([row]).items()}
+
+
+def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
+
+
+def batches(
+    store: Store,
+    indices: np.ndarray,
+    config: AuditConfig,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+) -> Iterator[Batch]:
+    """Yield the images at ``indices`` in batches; shuffled when a ``generator`` is given."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if generator is not None:
+        indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    chunks = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
+    key = roi_key(config, store)
+    loader = DataLoader(
+        _StoreRows(store, key),
+        batch_sampler=chunks,
+        collate_fn=_identity,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    scale = 1.0 / store.image_max
+    for raw in loader:
+        images = raw["images"].to(device, non_blocking=True).float().mul_(scale)
+        dist = raw["dist"].to(device, non_blocking=True).unsqueeze(1)
+        yield Batch(
+            images=images,
+            roi=roi_at_spread(dist, config.spread),
+            labels=raw["labels"].to(device, non_blocking=True),
+            index=raw["index"],
+        )

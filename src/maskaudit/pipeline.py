@@ -1,0 +1,279 @@
+"""The audit as a fixed sequence of stages over one run directory.
+
+prepare → split → train (grid of jobs) → predict (cross-masking) → metrics → report
+
+Each stage has a fingerprint made of the config keys it reads and the fingerprints of the
+stages before it. A stage whose outputs exist with the same fingerprint is skipped, so a
+killed run, started again, continues where it stopped; a changed config redoes exactly the
+stages it affects. Jobs are plain functions of (run directory, strategy, fold), run by an
+executor in this process or on Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from maskaudit.config import AuditConfig, dump_config, load_config
+from maskaudit.data.sources import make_source
+from maskaudit.data.splits import Splits, load_splits, make_splits, save_splits
+from maskaudit.data.store import Store, prepare_store
+from maskaudit.errors import MaskauditError
+from maskaudit.executors import make_executor
+from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "split", "train", "predict", "metrics", "report")
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class Audit:
+    """One run directory and its config; each stage is a method."""
+
+    def __init__(self, run: RunDir, config: AuditConfig) -> None:
+        self.run, self.config = run, config
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, out: Path, config: AuditConfig) -> Audit:
+        """Start or continue a run in ``out`` with ``config`` (written as ``config.yaml``)."""
+        run = RunDir(out)
+        run.root.mkdir(parents=True, exist_ok=True)
+        text = dump_config(config)
+        if not run.config.is_file() or run.config.read_text() != text:
+            write_text(run.config, text)
+        return cls(run, config)
+
+    @classmethod
+    def open(cls, out: Path, config_path: Path | None = None) -> Audit:
+        """A stage command: the given config, or the one the run directory already holds."""
+        if config_path is not None:
+            return cls.create(out, load_config(config_path))
+        run = RunDir(out)
+        if not run.config.is_file():
+            raise MaskauditError(f"{run.root} holds no config.yaml; pass a config file or use `maskaudit run`")
+        return cls(run, load_config(run.config))
+
+    # ------------------------------------------------------------------ fingerprints
+
+    def _source_fingerprint(self) -> str:
+        data = self.config.data
+        if data.source == "folder":
+            return _file_digest(data.labels_csv)
+        return str(self.config.seed)
+
+    @property
+    def roi_keys(self) -> list[str]:
+        return [self.config.roi] if self.config.roi and "+" in self.config.roi else []
+
+    def fingerprint(self, stage: str) -> str:
+        c = self.config
+        if stage == "prepare":
+            return _hash("prepare", c.data.model_dump(mode="json"), c.image_size, self.roi_keys,
+                         self._source_fingerprint())
+        if stage == "split":
+            return _hash("split", self.fingerprint("prepare"), c.folds, c.test_fraction, c.seed)
+        if stage == "train":
+            return _hash("train", [self.job_fingerprint(s, k) for s, k in self.jobs])
+        if stage == "predict":
+            return _hash("predict", [self.predict_fingerprint(s, k) for s, k in self.jobs])
+        if stage == "metrics":
+            return _hash("metrics", self.fingerprint("predict"))
+        if stage == "report":
+            return _hash("report", self.fingerprint("metrics"), dump_config(c))
+        raise ValueError(stage)
+
+    def job_fingerprint(self, strategy: str, fold: int) -> str:
+        c = self.config
+        return _hash("job", self.fingerprint("split"), strategy, fold, c.model.model_dump(mode="json"),
+                     c.train.model_dump(mode="json", exclude={"num_workers", "device"}), c.spread, c.fill,
+                     c.roi)
+
+    def predict_fingerprint(self, strategy: str, fold: int) -> str:
+        c = self.config
+        return _hash("predict", self.job_fingerprint(strategy, fold), c.eval_strategies,
+                     c.predict.model_dump(mode="json", exclude={"batch_size"}))
+
+    @property
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(s, k) for s in self.config.strategies for k in range(self.config.folds)]
+
+    # ------------------------------------------------------------------ stage bookkeeping
+
+    def _records(self) -> dict:
+        return read_json(self.run.stages) if self.run.stages.is_file() else {}
+
+    def is_done(self, stage: str) -> bool:
+        return self._records().get(stage, {}).get("fingerprint") == self.fingerprint(stage)
+
+    def _mark(self, stage: str, seconds: float, **extra: object) -> None:
+        records = self._records()
+        records[stage] = {
+            "fingerprint": self.fingerprint(stage),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 2),
+            **extra,
+        }
+        write_json(self.run.stages, records)
+
+    def _stage(self, stage: str, work: Callable[[], dict | None], force: bool = False) -> None:
+        if not force and self.is_done(stage):
+            log.info("%s: up to date, skipped", stage)
+            return
+        log.info("%s: running", stage)
+        started = time.perf_counter()
+        extra = work() or {}
+        self._mark(stage, time.perf_counter() - started, **extra)
+        log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ stages
+
+    def prepare(self, force: bool = False) -> None:
+        def work() -> dict:
+            marker = self.run.prepared / ".fingerprint"
+            wanted = self.fingerprint("prepare")
+            if self.run.prepared.exists() and (not marker.is_file() or marker.read_text() != wanted):
+                shutil.rmtree(self.run.prepared)  # a store of other data or settings: start afresh
+            self.run.prepared.mkdir(parents=True, exist_ok=True)
+            write_text(marker, wanted)
+            store = prepare_store(make_source(self.config), self.run.prepared, self.config.image_size,
+                                  roi_keys=self.roi_keys, workers=self.config.workers)
+            counts = store.manifest["status"].value_counts().to_dict()
+            return {"kept": int(counts.get("kept", 0)), "rejected": int(counts.get("rejected", 0))}
+
+        self._stage("prepare", work, force)
+
+    def store(self) -> Store:
+        return Store.open(self.run.prepared)
+
+    def split(self, force: bool = False) -> None:
+        def work() -> dict:
+            store = self.store()
+            if store.n == 0:
+                raise MaskauditError(f"no image was kept in {self.run.prepared}; see manifest.parquet for reasons")
+            splits = make_splits(store.kept, store.classes, self.config.test_fraction, self.config.folds,
+                                 self.config.seed)
+            save_splits(self.run.splits, splits, store.kept)
+            return {"method": splits.method}
+
+        self._stage("split", work, force)
+
+    def splits(self, store: Store) -> Splits:
+        return load_splits(self.run.splits, store.kept)
+
+    def train(self, only: list[tuple[str, int]] | None = None, force: bool = False) -> None:
+        def work() -> None:
+            todo = [job for job in (only or self.jobs) if force or not self.job_done(*job)]
+            log.info("train: %d of %d jobs to run", len(todo), len(self.jobs))
+            make_executor(self.config).map(run_train_job, [(str(self.run.root), s, k) for s, k in todo])
+
+        if only:  # a partial grid never marks the stage done
+            work()
+            return
+        self._stage("train", work, force)
+
+    def job_done(self, strategy: str, fold: int) -> bool:
+        from maskaudit.train import job_finished
+
+        return job_finished(self.run.job(strategy, fold), self.job_fingerprint(strategy, fold))
+
+    def predict(self, force: bool = False) -> None:
+        def work() -> dict:
+            missing = [f"{s}/fold_{k}" for s, k in self.jobs if not self.job_done(s, k)]
+            if missing:
+                raise MaskauditError(f"untrained jobs: {', '.join(missing[:6])}…; run `maskaudit train` first")
+            todo = [(s, k) for s, k in self.jobs if force or not self._job_predicted(s, k)]
+            make_executor(self.config).map(run_predict_job, [(str(self.run.root), s, k) for s, k in todo])
+            table = pd.concat([pd.read_parquet(self.run.job(s, k) / "predictions.parquet") for s, k in self.jobs],
+                              ignore_index=True)
+            write_table(self.run.predictions, table)
+            return {"rows": len(table)}
+
+        self._stage("predict", work, force)
+
+    def _job_predicted(self, strategy: str, fold: int) -> bool:
+        meta = self.run.job(strategy, fold) / "predictions.json"
+        return meta.is_file() and read_json(meta).get("fingerprint") == self.predict_fingerprint(strategy, fold)
+
+    def metrics(self, force: bool = False) -> None:
+        from maskaudit.metrics import auc_by_fold, auc_matrix, matrix_of
+        from maskaudit.report.figures import auc_heatmap, save_figure
+
+        def work() -> None:
+            if not self.run.predictions.is_file():
+                raise MaskauditError(f"no {self.run.predictions}; run `maskaudit predict` first")
+            by_fold = auc_by_fold(pd.read_parquet(self.run.predictions))
+            matrix = auc_matrix(by_fold)
+            write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
+            write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
+            for name in self.config.classes:
+                mean = matrix_of(matrix, name, "test", self.config.strategies, self.config.eval_strategies)
+                std = matrix_of(matrix, name, "test", self.config.strategies, self.config.eval_strategies,
+                                value="auc_std")
+                fig = auc_heatmap(mean, std, f"{name}: hold-out AUC, mean of {self.config.folds} folds")
+                save_figure(fig, self.run.figures / f"auc_{name}")
+
+        self._stage("metrics", work, force)
+
+    def report(self, force: bool = False) -> None:
+        from maskaudit.report.html import write_report
+
+        self._stage("report", lambda: write_report(self), force)
+
+    def run_all(self) -> Path:
+        self.prepare()
+        self.split()
+        self.train()
+        self.predict()
+        self.metrics()
+        self.report()
+        return self.run.report
+
+
+def _open_job(run_root: str) -> tuple[Audit, Store, Splits]:
+    audit = Audit.open(Path(run_root))
+    store = audit.store()
+    return audit, store, audit.splits(store)
+
+
+def run_train_job(run_root: str, strategy: str, fold: int) -> dict:
+    """One training job, as a plain function of (run directory, strategy, fold)."""
+    from maskaudit.train import train_job
+
+    audit, store, splits = _open_job(run_root)
+    return train_job(audit.config, store, splits, strategy, fold, audit.run.job(strategy, fold),
+                     audit.job_fingerprint(strategy, fold))
+
+
+def run_predict_job(run_root: str, strategy: str, fold: int) -> dict:
+    """One job's cross-masking predictions, written into its folder."""
+    from maskaudit.predict import predict_job
+
+    audit, store, splits = _open_job(run_root)
+    job_dir = audit.run.job(strategy, fold)
+    table = predict_job(audit.config, store, splits, audit.run, strategy, fold)
+    write_table(job_dir / "predictions.parquet", table)
+    write_json(job_dir / "predictions.json", {"fingerprint": audit.predict_fingerprint(strategy, fold),
+                                              "rows": len(table)})
+    return {"rows": len(table)}

@@ -1,0 +1,80 @@
+"""Cross-masking predictions (SPEC §5): every job's model on every test strategy → the long table.
+
+The table has one row per (train strategy, fold, test strategy, image, class), with the
+image's label and the model's probability, and a ``split`` column: ``test`` for the
+hold-out set, ``val`` for the job's own validation fold. Each job writes its part into its
+folder (so a killed prediction stage resumes job by job); the run's
+``predictions.parquet`` is their concatenation, the single source of every metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from maskaudit.config import AuditConfig
+from maskaudit.data.splits import Splits
+from maskaudit.data.store import Store
+from maskaudit.loader import batches, resolve_device
+from maskaudit.models import build_model, load_checkpoint
+from maskaudit.rundir import RunDir
+
+COLUMNS = ["split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
+
+
+def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
+                   config: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
+    """Probabilities (n_images, n_classes) of ``indices`` under each test strategy; one read per batch."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {s: [] for s in test_strategies}
+    with torch.no_grad():
+        for batch in batches(store, indices, config, config.predict.batch_size, device,
+                             num_workers=config.train.num_workers):
+            for strategy in test_strategies:
+                logits = model(batch.masked(strategy, config, store)).float()
+                out[strategy].append(torch.sigmoid(logits).cpu().numpy())
+    n_classes = len(store.classes)
+    return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
+
+
+def long_table(probs: dict[str, np.ndarray], store: Store, indices: np.ndarray, split: str,
+               train_strategy: str, fold: int) -> pd.DataFrame:
+    """Turn per-strategy probability matrices into rows of the long table."""
+    image_ids = store.kept["image_id"].to_numpy()[indices]
+    labels = store.labels[indices]
+    frames = []
+    for test_strategy, matrix in probs.items():
+        for k, name in enumerate(store.classes):
+            frames.append(pd.DataFrame({
+                "split": split,
+                "train_strategy": train_strategy,
+                "fold": fold,
+                "test_strategy": test_strategy,
+                "image_id": image_ids,
+                "class": name,
+                "label": labels[:, k],
+                "probability": matrix[:, k],
+            }))
+    return pd.concat(frames, ignore_index=True)[COLUMNS]
+
+
+def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
+                fold: int) -> pd.DataFrame:
+    """The job's model on the hold-out set (and its validation fold) under every test strategy."""
+    device = resolve_device(config.train.device)
+    model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
+                        in_channels=store.channels)
+    load_checkpoint(model, run.job(strategy, fold) / "model.pt")
+    model.to(device)
+    parts = {"test": splits.test}
+    if config.predict.validation:
+        parts["val"] = splits.val(fold)
+    frames = []
+    for split, indices in parts.items():
+        probs = predict_images(model, store, indices, config.eval_strategies, config, device)
+        frames.append(long_table(probs, store, indices, split, strategy, fold))
+    table = pd.concat(frames, ignore_index=True)
+    table["label"] = table["label"].astype("float32")
+    table["probability"] = table["probability"].astype("float32")
+    return table

@@ -1,0 +1,72 @@
+"""Figures for papers and for the report: PNG (and optionally SVG/PDF) files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from maskaudit.rundir import atomic_path  # noqa: E402
+
+#: The study's AUC colour scale: red (chance or worse) to green (perfect).
+AUC_CMAP = "RdYlGn"
+AUC_RANGE = (0.5, 1.0)
+
+
+def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt.Figure:
+    """The study's figure: rows training strategy, columns test strategy, values printed."""
+    values = mean.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.95 * n_cols, 0.9 + 0.75 * n_rows), dpi=150)
+    cmap = plt.get_cmap(AUC_CMAP).copy()
+    cmap.set_bad("#d9d9d9")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=AUC_RANGE[0], vmax=AUC_RANGE[1])
+    for r in range(n_rows):
+        for c in range(n_cols):
+            v = values[r, c]
+            if np.isnan(v):
+                text = "n/a"
+            else:
+                text = f"{v:.2f}"
+                if std is not None and not np.isnan(std.iat[r, c]):
+                    text += f"\n±{std.iat[r, c]:.2f}"
+            ax.text(c, r, text, ha="center", va="center", fontsize=7.5, color="black")
+    ax.set_xticks(range(n_cols), [s.replace("_", " ") for s in mean.columns], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n_rows), [s.replace("_", " ") for s in mean.index], fontsize=8)
+    ax.set_xlabel("test masking", fontsize=8)
+    ax.set_ylabel("training masking", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    cbar.ax.tick_params(labelsize=7)
+    cbar.set_label("AUC", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Save ``fig`` atomically in each format (``path`` without suffix); close it."""
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=fmt, bbox_inches="tight")
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def png_bytes(path: Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def figure_png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,86 @@
+"""The run's report: one self-contained HTML file (figures inlined, no network requests)."""
+
+from __future__ import annotations
+
+import base64
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from maskaudit import __version__
+from maskaudit.rundir import read_json, write_text
+
+if TYPE_CHECKING:
+    from maskaudit.pipeline import Audit
+
+
+def _png_data_uri(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _fmt(value: float) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
+    """Counts kept/rejected by reason, and per split: images, patients, positives per class."""
+    store = audit.store()
+    manifest = store.manifest
+    reasons = (manifest.assign(reason=manifest["reason"].fillna("").replace("", "—"))
+               .groupby(["status", "reason"]).size().rename("rows").reset_index())
+    tables = {"counts": reasons}
+    if audit.run.splits.is_file():
+        splits = audit.splits(store)
+        parts = {"hold-out test": splits.test}
+        parts.update({f"fold {k}": idx for k, idx in enumerate(splits.folds)})
+        rows = []
+        kept = store.kept.set_index("index")
+        for name, idx in parts.items():
+            row = {"split": name, "images": len(idx), "patients": kept.loc[idx, "patient_id"].nunique()}
+            for k, cls in enumerate(store.classes):
+                row[f"{cls} +"] = int(np.nansum(store.labels[idx, k]))
+            rows.append(row)
+        tables["splits"] = pd.DataFrame(rows)
+    return tables
+
+
+def write_report(audit: Audit) -> dict:
+    run, config = audit.run, audit.config
+    env = Environment(loader=PackageLoader("maskaudit", "report/templates"),
+                      autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = _fmt
+    matrix_path = run.metrics / "auc_matrix.parquet"
+    matrix = pd.read_parquet(matrix_path) if matrix_path.is_file() else None
+    classes = []
+    for name in config.classes:
+        entry = {"name": name, "heatmap": _png_data_uri(run.figures / f"auc_{name}.png"), "tables": {}}
+        if matrix is not None:
+            from maskaudit.metrics import matrix_of
+
+            for split in ("test", "val"):
+                mean = matrix_of(matrix, name, split, config.strategies, config.eval_strategies)
+                if mean.notna().any().any():
+                    entry["tables"][split] = mean
+        classes.append(entry)
+    stages = read_json(run.stages) if run.stages.is_file() else {}
+    html = env.get_template("report.html").render(
+        title=config.report.title,
+        run=run.root.resolve(),
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        version=__version__,
+        python=platform.python_version(),
+        classes=classes,
+        data=data_tables(audit),
+        stages=stages,
+        stage_names=("prepare", "split", "train", "predict", "metrics", "report"),
+        config_yaml=run.config.read_text(),
+    )
+    write_text(run.report, html)
+    return {"bytes": len(html)}

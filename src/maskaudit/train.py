@@ -1,0 +1,194 @@
+"""One job: a model trained under one masking strategy on one fold (SPEC §4).
+
+Adam, ``BCEWithLogitsLoss``, early stopping on the validation loss (the counter grows while
+``val_loss + min_delta > best``; the weights of the best validation loss are kept). Batches
+are shuffled from the job's seed, masked, then augmented. After every epoch the job saves
+its whole state (``last.pt``), so a killed job resumes at the next epoch and ends with the
+same weights as an uninterrupted one: every epoch's randomness is drawn from a stream
+named by (seed, strategy, fold, epoch), not from a state carried across epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from maskaudit.augment import augment_batch
+from maskaudit.config import AuditConfig
+from maskaudit.data.splits import Splits
+from maskaudit.data.store import Store
+from maskaudit.loader import batches, resolve_device
+from maskaudit.models import Classifier, build_model
+from maskaudit.rundir import atomic_path, read_json, write_json
+from maskaudit.seeds import derive_seed, torch_generator
+from maskaudit.stats import class_auc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EarlyStopping:
+    """The study's rule: stop after ``patience`` epochs without an improvement of more than ``min_delta``."""
+
+    patience: int
+    min_delta: float
+    best: float = math.inf
+    best_epoch: int = -1
+    counter: int = 0
+
+    def step(self, val_loss: float, epoch: int) -> bool:
+        """Record an epoch; True when it is the new best (its weights are to be kept)."""
+        if val_loss + self.min_delta > self.best:
+            self.counter += 1
+            return False
+        self.best, self.best_epoch, self.counter = val_loss, epoch, 0
+        return True
+
+    @property
+    def stop(self) -> bool:
+        return self.counter >= self.patience
+
+
+@dataclass
+class JobState:
+    """Everything needed to continue a job after its last finished epoch."""
+
+    epoch: int = 0
+    stopper: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: str, config: AuditConfig,
+              device: torch.device, loss_fn: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, probabilities and labels of ``indices`` under ``strategy`` (no augmentation)."""
+    model.eval()
+    total, probs, labels = 0.0, [], []
+    with torch.no_grad(), _autocast(device, config):
+        for batch in batches(store, indices, config, config.predict.batch_size, device,
+                             num_workers=config.train.num_workers):
+            logits = model(batch.masked(strategy, config, store)).float()
+            total += float(loss_fn(logits, batch.labels).sum())
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+            labels.append(batch.labels.cpu().numpy())
+    n_values = max(1, len(indices) * store.labels.shape[1])
+    return total / n_values, np.concatenate(probs), np.concatenate(labels)
+
+
+def _autocast(device: torch.device, config: AuditConfig) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                          enabled=config.train.amp and device.type == "cuda")
+
+
+def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, fold: int,
+              job_dir: Path, fingerprint: str) -> dict:
+    """Train the model of (``strategy``, ``fold``) into ``job_dir``; returns the job summary.
+
+    Files: ``model.pt`` (best weights), ``history.csv`` (per epoch: losses, per-class AUC),
+    ``tb/`` (TensorBoard), ``job.json`` (written last: the summary and ``fingerprint``).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    started = time.perf_counter()
+    device = resolve_device(config.train.device)
+    classes = store.classes
+    train_idx, val_idx = splits.train(fold), splits.val(fold)
+    job_seed = derive_seed(config.seed, "train", strategy, fold)
+    torch.manual_seed(job_seed)
+    model = build_model(config.model, n_classes=len(classes), in_channels=store.channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+    stopper = EarlyStopping(config.train.patience, config.train.min_delta)
+    state = JobState()
+
+    last = job_dir / "last.pt"
+    if last.is_file():
+        saved = torch.load(last, map_location=device, weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = JobState(epoch=saved["epoch"], stopper=saved["stopper"], history=saved["history"])
+            stopper = EarlyStopping(**state.stopper)
+            log.info("%s fold %d: resuming after epoch %d", strategy, fold, state.epoch)
+    writer = SummaryWriter(str(job_dir / "tb"), purge_step=state.epoch)
+
+    for epoch in range(state.epoch, config.train.epochs):
+        if stopper.stop:
+            break
+        model.train()
+        shuffle = torch_generator(config.seed, "shuffle", strategy, fold, epoch)
+        augment = torch_generator(config.seed, "augment", strategy, fold, epoch)
+        train_loss, seen = 0.0, 0
+        for batch in batches(store, train_idx, config, config.train.batch_size, device,
+                             generator=shuffle, num_workers=config.train.num_workers):
+            x = augment_batch(batch.masked(strategy, config, store), config.train.augment, augment)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config):
+                loss = loss_fn(model(x).float(), batch.labels).mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            train_loss += float(loss) * len(batch.index)
+            seen += len(batch.index)
+        val_loss, probs, labels = _evaluate(model, store, val_idx, strategy, config, device, loss_fn)
+        row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}
+        for k, name in enumerate(classes):
+            row[f"val_auc_{name}"] = class_auc(labels[:, k], probs[:, k])[0]
+        improved = stopper.step(val_loss, epoch)
+        row["best"] = improved
+        state.history.append(row)
+        for key, value in row.items():
+            if key not in ("epoch", "best") and not (isinstance(value, float) and math.isnan(value)):
+                writer.add_scalar(key.replace("val_auc_", "val_auc/"), value, epoch)
+        if improved:
+            with atomic_path(job_dir / "model.pt") as tmp:
+                torch.save(model.state_dict(), tmp)
+        with atomic_path(last) as tmp:
+            torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                        "stopper": asdict(stopper), "history": state.history}, tmp)
+        log.info("%s fold %d epoch %d: train %.4f val %.4f%s", strategy, fold, epoch,
+                 row["train_loss"], val_loss, " *" if improved else "")
+    writer.close()
+
+    history = pd.DataFrame(state.history)
+    with atomic_path(job_dir / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    summary = {
+        "strategy": strategy,
+        "fold": fold,
+        "fingerprint": fingerprint,
+        "seed": job_seed,
+        "epochs_run": len(history),
+        "best_epoch": stopper.best_epoch,
+        "best_val_loss": stopper.best,
+        "stopped_early": stopper.stop,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "trainable_parameters": int(sum(p.numel() for p in params)),
+        "device": str(device),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(job_dir / "job.json", summary)
+    last.unlink(missing_ok=True)
+    return summary
+
+
+def job_finished(job_dir: Path, fingerprint: str) -> bool:
+    """A job is done when its ``job.json`` carries the same fingerprint and its model exists."""
+    meta = job_dir / "job.json"
+    return meta.is_file() and (job_dir / "model.pt").is_file() and read_json(meta).get("fingerprint") == fingerprint
+

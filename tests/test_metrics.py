@@ -1,0 +1,46 @@
+import math
+
+import numpy as np
+import pandas as pd
+
+from maskaudit.metrics import auc_by_fold, auc_matrix, matrix_of
+from maskaudit.stats import class_auc
+
+
+def test_single_label_has_no_auc_and_a_reason():
+    auc, reason = class_auc(np.array([1, 1, 1]), np.array([0.2, 0.5, 0.9]))
+    assert math.isnan(auc) and "only label 1" in reason
+
+
+def test_auc_matches_hand_value():
+    auc, reason = class_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert reason == "" and auc == 0.75
+
+
+def _predictions() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for train in ("full", "no_roi"):
+        for test in ("full", "no_roi"):
+            for fold in range(3):
+                labels = rng.integers(0, 2, 30)
+                for i, y in enumerate(labels):
+                    rows.append(("test", train, fold, test, f"i{i}", "a", float(y), float(y * 0.5 + rng.random() * 0.6)))
+                    rows.append(("test", train, fold, test, f"i{i}", "b", 0.0, rng.random()))
+    return pd.DataFrame(rows, columns=["split", "train_strategy", "fold", "test_strategy", "image_id", "class",
+                                       "label", "probability"])
+
+
+def test_by_fold_and_matrix():
+    by_fold = auc_by_fold(_predictions())
+    assert len(by_fold) == 2 * 2 * 3 * 2
+    assert by_fold.loc[by_fold["class"] == "b", "auc"].isna().all()
+    assert (by_fold.loc[by_fold["class"] == "b", "reason"].str.contains("only label 0")).all()
+    matrix = auc_matrix(by_fold)
+    a = matrix_of(matrix, "a", "test", ["full", "no_roi"], ["full", "no_roi"])
+    assert a.shape == (2, 2) and a.notna().all().all()
+    expected = by_fold[(by_fold["class"] == "a") & (by_fold.train_strategy == "full")
+                       & (by_fold.test_strategy == "no_roi")]["auc"].mean()
+    assert a.loc["full", "no_roi"] == expected
+    b = matrix[matrix["class"] == "b"]
+    assert b["auc_mean"].isna().all() and (b["n_folds_missing"] == 3).all()
