@@ -48,7 +48,9 @@ def images(n: int = 2, channels: int = 1, size: int = S, seed: int = 0) -> torch
 
 def old_style(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The key format of torchvision's downloadable DenseNet files: ``denselayer1.norm.1.weight``."""
-    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))([12])\.(weight|bias|running_mean|running_var)$")
+    pattern = re.compile(
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))([12])\.(weight|bias|running_mean|running_var)$"
+    )
     renamed = {pattern.sub(r"\1.\2.\3", key): value for key, value in state.items()}
     assert any(".norm.1." in key for key in renamed)
     return renamed
@@ -312,7 +314,8 @@ def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
 
 def test_resnet18_head_and_freeze() -> None:
     model = make("resnet18", n_classes=4, in_channels=1)
-    assert (model.feature_dim, model.classifier[1].in_features, model.classifier[1].out_features) == (512, 512, 4)
+    linear = model.classifier[1]
+    assert (model.feature_dim, linear.in_features, linear.out_features) == (512, 512, 4)
     x = images()
     assert model(x).shape == (2, 4) and model.embed(x).shape == (2, 512)
     names = trainable_parameter_names(model)
@@ -329,7 +332,8 @@ def test_small_cnn_any_size_and_channels(channels: int, size: int) -> None:
     x = images(n=3, channels=channels, size=size)
     assert model(x).shape == (3, 2) and model.embed(x).shape == (3, 64)
     assert model.features[0].in_channels == channels  # native, no repeat
-    assert trainable_parameter_names(model) == [n for n, _ in model.named_parameters()]  # study freezes nothing
+    # freeze "study" freezes nothing in a network trained from scratch
+    assert trainable_parameter_names(model) == [n for n, _ in model.named_parameters()]
 
 
 def test_small_cnn_has_no_pretrained_weights() -> None:

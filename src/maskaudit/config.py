@@ -29,6 +29,15 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------- data
 
 
+def _no_clash(classes: list[str], metadata: list[str]) -> None:
+    """Classes and metadata share the manifest's columns: one name cannot be both."""
+    both = sorted(set(classes) & set(metadata))
+    if both:
+        raise ValueError(f"{', '.join(both)} is both a class and a metadata column; rename one")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes repeat a name: {classes}")
+
+
 SignalPlace = Literal["roi", "outside", "global", "shape", "none"]
 
 
@@ -71,6 +80,7 @@ class SyntheticData(Strict):
                     f"metadata.{name}.correlates_with={meta.correlates_with!r} is not a class "
                     f"(classes: {', '.join(self.classes)})"
                 )
+        _no_clash(list(self.classes), list(self.metadata))
         return self
 
     @property
@@ -94,6 +104,11 @@ class FolderData(Strict):
         None, description="a column whose value 'test' puts the row in the hold-out test set (official split)"
     )
     color: Literal["gray", "rgb"] = "gray"
+
+    @model_validator(mode="after")
+    def _names_distinct(self) -> FolderData:
+        _no_clash(self.classes, self.metadata_columns)
+        return self
 
     @field_validator("labels_csv")
     @classmethod
@@ -234,6 +249,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(data, dict) and isinstance(data.get("labels_csv"), str):
         csv = Path(data["labels_csv"]).expanduser()
         data["labels_csv"] = str(csv if csv.is_absolute() else (base / csv))
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("weights") not in (None, "imagenet", "none"):
+        weights = Path(str(model["weights"])).expanduser()
+        model["weights"] = str(weights if weights.is_absolute() else (base / weights))
     return raw
 
 
