@@ -141,7 +141,7 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            train_loss += float(loss) * len(batch.index)
+            train_loss += float(loss.detach()) * len(batch.index)
             seen += len(batch.index)
         val_loss, probs, labels = _evaluate(model, store, val_idx, strategy, config, device, loss_fn)
         row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -24,8 +23,7 @@ def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt
     values = mean.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
     fig, ax = plt.subplots(figsize=(1.0 + 0.95 * n_cols, 0.9 + 0.75 * n_rows), dpi=150)
-    cmap = plt.get_cmap(AUC_CMAP).copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap(AUC_CMAP).with_extremes(bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=AUC_RANGE[0], vmax=AUC_RANGE[1])
     for r in range(n_rows):
         for c in range(n_cols):
@@ -60,13 +58,3 @@ def save_figure(fig: plt.Figure, path: Path, formats: tuple[str, ...] = ("png",)
     plt.close(fig)
     return written
 
-
-def png_bytes(path: Path) -> bytes:
-    return Path(path).read_bytes()
-
-
-def figure_png(fig: plt.Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()

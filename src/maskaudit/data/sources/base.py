@@ -31,6 +31,7 @@ class Record:
     source_path: str = ""
     split: str | None = None
     key: Any = None
+    row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class Source(ABC):
     @property
     def metadata_columns(self) -> list[str]:
         return []
+
+    def describe(self) -> dict[str, Any]:
+        """What the prepared store records about this source (and compares on a re-run)."""
+        return {
+            "type": f"{type(self).__module__}.{type(self).__qualname__}",
+            "classes": list(self.classes),
+            "rois": list(self.rois),
+            "channels": self.channels,
+        }
 
     @abstractmethod
     def records(self) -> Iterator[Record | Rejected]:

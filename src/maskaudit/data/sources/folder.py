@@ -226,6 +226,7 @@ class FolderSource(Source):
                 source_path=source_path,
                 split=split,
                 key=FolderKey(row=line, image=str(image_path), masks=tuple(masks)),
+                row=line,
             )
 
     # --------------------------------------------------------------------------------------- load

@@ -1,0 +1,760 @@
+"""The prepared store: every image decoded once, resized with padding, kept as memory maps.
+
+::
+
+    prepared/
+      images.npy            (n, C, S, S) uint8, or uint16 when any kept source image is 16-bit
+      dist_<key>.npy        (n, S, S) int16 signed taxicab distance of each ROI's resized mask,
+                            one per named ROI and per union key such as ``dist_left+right.npy``
+      manifest.parquet      every input row, kept or rejected, with its reason
+      store.json            written last: the completion marker and the store's description
+      .partial/             only while preparing: provisional slots, resumable
+
+Preparation lists the source's records first (cheap), gives every candidate a provisional
+slot, and lets worker processes decode, resize and compute distance maps, a bounded number
+of images at a time; the parent writes each result into memory-mapped slot files and
+records, every few seconds, which slots are finished. A killed preparation, started again,
+continues with the unfinished slots. Failures (unreadable files, mask size mismatch, empty
+ROI, all-zero image) are only known after loading, so a final pass compacts the kept slots to
+indices ``0 .. n-1`` (a rename when nothing failed). The result does not depend on the
+number of workers or the order in which they finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from maskaudit.data.imaging import resize_pad
+from maskaudit.data.sources.base import Record, Rejected, Source
+from maskaudit.errors import MaskauditError
+from maskaudit.masking import signed_taxicab_distance
+from maskaudit.rundir import atomic_path, read_json, write_json, write_table
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+MARKER = "store.json"
+MANIFEST = "manifest.parquet"
+IMAGES = "images.npy"
+WORK = ".partial"
+#: the parent records finished slots after this many results or this many seconds, whichever first
+CHECKPOINT_EVERY = 64
+CHECKPOINT_SECONDS = 2.0
+#: slot states in ``.partial/state.npy``
+_PENDING, _FAILED, _DONE8, _DONE16 = 0, 1, 8, 16
+#: manifest columns that classes and metadata columns may not reuse
+FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split")
+
+
+def dist_file(key: str) -> str:
+    """File name of the distance maps of a ROI key (a named ROI or a union ``a+b``)."""
+    return f"dist_{key}.npy"
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a rejection: its text before the first ``:``, ``;`` or ``(``."""
+    return re.split(r"[:;(]", reason, maxsplit=1)[0].strip() if reason else ""
+
+
+def to_pixels(image01: np.ndarray, max_value: int) -> np.ndarray:
+    """Stored pixel values of a [0, 1] image: ``round(image01 * max_value)`` as uint8 or uint16."""
+    dtype = np.uint8 if max_value == 255 else np.uint16
+    return np.rint(image01 * np.float32(max_value)).astype(dtype)
+
+
+def union_keys(rois: Sequence[str], roi_keys: Iterable[str]) -> list[str]:
+    """The union keys (``"a+b"``) among ``roi_keys``, checked against the named ROIs.
+
+    Raises
+    ------
+    MaskauditError
+        When a key, or a part of a union, is not a named ROI of the source.
+    """
+    unions: list[str] = []
+    for key in roi_keys:
+        parts = key.split("+")
+        unknown = [p for p in parts if p not in rois]
+        if unknown or len(set(parts)) != len(parts):
+            problem = f"no ROI named {', '.join(map(repr, unknown))}" if unknown else "a ROI repeats"
+            raise MaskauditError(
+                f"ROI key {key!r}: {problem}; a key is a named ROI or distinct named ROIs joined by '+', "
+                f"and the source's ROIs are {', '.join(rois) or '(none)'}"
+            )
+        if len(parts) > 1 and key not in unions:
+            unions.append(key)
+    return unions
+
+
+def describe_source(source: Source) -> dict[str, Any]:
+    """What the store records about its source."""
+    return {"name": source.name, **source.describe()}
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class _Settings:
+    image_size: int
+    channels: int
+    rois: tuple[str, ...]
+    unions: tuple[str, ...]
+
+
+@dataclass
+class _Result:
+    slot: int
+    failure: str = ""
+    image: np.ndarray | None = None  # (C, S, S) uint8 (8-bit source) or uint16 (16-bit source)
+    dists: list[np.ndarray] = field(default_factory=list)  # per key, (S, S) int16
+    fractions: list[float] = field(default_factory=list)  # per named ROI, share of the native image
+    mean: float = 0.0  # mean pixel value in [0, 1]
+    digest: bytes = b""
+
+
+def _load_failure(exc: MaskauditError) -> str:
+    message = str(exc)
+    if message.startswith("mask size mismatch"):
+        return message
+    return f"unreadable image or mask: {message}"
+
+
+def _process(source: Source, record: Record, slot: int, settings: _Settings) -> _Result:
+    """Load, resize and measure one record. User-caused problems become a failure reason."""
+    try:
+        loaded = source.load(record)
+    except MaskauditError as exc:
+        return _Result(slot, failure=_load_failure(exc))
+    image = np.asarray(loaded.image)
+    if settings.channels == 1 and image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    expected = "(H, W)" if settings.channels == 1 else f"(H, W, {settings.channels})"
+    if image.ndim != (2 if settings.channels == 1 else 3) or (
+        image.ndim == 3 and image.shape[2] != settings.channels
+    ):
+        raise ValueError(
+            f"{source.name}: load({record.image_id!r}) gave shape {image.shape}, expected {expected}"
+        )
+    where = record.source_path or record.image_id
+    fractions = []
+    for roi in settings.rois:
+        if roi not in loaded.rois:
+            raise ValueError(f"{source.name}: load({record.image_id!r}) gave no mask for ROI {roi!r}")
+        mask = np.asarray(loaded.rois[roi]).astype(bool)
+        if mask.shape != image.shape[:2]:
+            return _Result(
+                slot,
+                failure=f"mask size mismatch: ROI {roi!r} is {mask.shape[1]}x{mask.shape[0]}, "
+                f"image is {image.shape[1]}x{image.shape[0]} ({where})",
+            )
+        if not mask.any():
+            return _Result(slot, failure=f"empty ROI mask: {roi!r} ({where})")
+        fractions.append(float(mask.mean()))
+    if not np.any(image):
+        return _Result(slot, failure=f"image all zero: {where}")
+    wide = image.dtype.kind == "f" or image.dtype.itemsize > 1
+    image01 = resize_pad(image, settings.image_size, "image")
+    pixels = to_pixels(image01, 65535 if wide else 255)
+    pixels = pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    masks = {roi: resize_pad(loaded.rois[roi], settings.image_size, "mask") for roi in settings.rois}
+    dists = [signed_taxicab_distance(masks[roi]) for roi in settings.rois]
+    for key in settings.unions:
+        dists.append(signed_taxicab_distance(np.logical_or.reduce([masks[p] for p in key.split("+")])))
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+    for dist in dists:
+        digest.update(dist.tobytes())
+    mean = float(pixels.mean(dtype=np.float64)) / (65535 if wide else 255)
+    return _Result(slot, "", pixels, dists, fractions, mean, digest.digest())
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source: Source, settings: _Settings) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+    _WORKER["source"], _WORKER["settings"] = source, settings
+
+
+def _run_task(slot: int, record: Record) -> _Result:
+    return _process(_WORKER["source"], record, slot, _WORKER["settings"])
+
+
+# --------------------------------------------------------------------------------- provisional slots
+
+
+class _Slots:
+    """The provisional, resumable arrays of a preparation under ``out/.partial``."""
+
+    def __init__(self, work: Path, plan: str, m: int, settings: _Settings) -> None:
+        self.work, self.m, self.settings = work, m, settings
+        self.keys = [*settings.rois, *settings.unions]
+        plan_file = work / "plan.json"
+        if work.is_dir() and not self._resumable(plan_file, plan):
+            log.info("discarding an unfinished preparation (other inputs, or files missing) in %s", work)
+            shutil.rmtree(work)
+        fresh = not work.is_dir()
+        work.mkdir(parents=True, exist_ok=True)
+        size, n_rois = settings.image_size, len(settings.rois)
+        self.state = self._array("state.npy", (m,), np.uint8, fresh)
+        self.dists = [self._array(dist_file(k), (m, size, size), np.int16, fresh) for k in self.keys]
+        self.fractions = self._array("fractions.npy", (m, max(n_rois, 1)), np.float64, fresh)
+        self.means = self._array("means.npy", (m,), np.float64, fresh)
+        self.digests = self._array("digests.npy", (m, 16), np.uint8, fresh)
+        self.images: np.memmap | None = None
+        if not fresh and (work / IMAGES).is_file():
+            self.images = np.lib.format.open_memmap(work / IMAGES, mode="r+")
+        failures = work / "failures.json"
+        self.failures: dict[int, str] = (
+            {int(k): v for k, v in read_json(failures).items()} if failures.is_file() and not fresh else {}
+        )
+        if fresh:
+            write_json(plan_file, {"plan": plan, "m": m})
+        self.pending: list[tuple[int, int]] = []
+        self.last = time.monotonic()
+
+    def _resumable(self, plan_file: Path, plan: str) -> bool:
+        """Whether ``work`` holds an unfinished preparation of the same plan with all its files."""
+        if not plan_file.is_file() or read_json(plan_file).get("plan") != plan:
+            return False
+        names = ["state.npy", "fractions.npy", "means.npy", "digests.npy", *(dist_file(k) for k in self.keys)]
+        if not all((self.work / name).is_file() for name in names):
+            return False  # e.g. killed between the final renames and store.json
+        finished = np.load(self.work / "state.npy", mmap_mode="r") >= _DONE8
+        return not finished.any() or (self.work / IMAGES).is_file()
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype: Any, fresh: bool) -> np.memmap:
+        path = self.work / name
+        if fresh or not path.is_file():
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        return np.lib.format.open_memmap(path, mode="r+")
+
+    def _images_for(self, wide: bool) -> np.memmap:
+        """The image slots, created at the first result, widened to uint16 at the first 16-bit one."""
+        dtype = np.uint16 if wide else np.uint8
+        size, channels = self.settings.image_size, self.settings.channels
+        path = self.work / IMAGES
+        if self.images is None:
+            self.images = np.lib.format.open_memmap(
+                path, mode="w+", dtype=dtype, shape=(self.m, channels, size, size)
+            )
+        elif wide and self.images.dtype == np.uint8:
+            log.info("a 16-bit image among 8-bit ones: widening the prepared images to uint16")
+            with atomic_path(path) as tmp:
+                wider = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=self.images.shape)
+                for start in range(0, self.m, 256):
+                    wider[start : start + 256] = self.images[start : start + 256].astype(np.uint16) * 257
+                wider.flush()
+                del wider
+                self.images = None
+            self.images = np.lib.format.open_memmap(path, mode="r+")
+        return self.images
+
+    def put(self, result: _Result) -> None:
+        if result.failure:
+            self.failures[result.slot] = result.failure
+            self.pending.append((result.slot, _FAILED))
+        else:
+            assert result.image is not None
+            wide = result.image.dtype == np.uint16
+            images = self._images_for(wide)
+            pixels = result.image
+            if images.dtype == np.uint16 and not wide:
+                pixels = pixels.astype(np.uint16) * 257
+            images[result.slot] = pixels
+            for target, dist in zip(self.dists, result.dists, strict=True):
+                target[result.slot] = dist
+            if result.fractions:
+                self.fractions[result.slot] = result.fractions
+            self.means[result.slot] = result.mean
+            self.digests[result.slot] = np.frombuffer(result.digest, dtype=np.uint8)
+            self.pending.append((result.slot, _DONE16 if wide else _DONE8))
+        if len(self.pending) >= CHECKPOINT_EVERY or time.monotonic() - self.last >= CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Flush the data, then the failure list, then mark the slots finished (in that order)."""
+        if not self.pending:
+            return
+        for array in (self.images, *self.dists, self.fractions, self.means, self.digests):
+            if array is not None:
+                array.flush()
+        write_json(self.work / "failures.json", {str(k): v for k, v in sorted(self.failures.items())})
+        for slot, state in self.pending:
+            self.state[slot] = state
+        self.state.flush()
+        self.pending.clear()
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        self.images = None
+        self.dists = []
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+def _listing_entry(item: Record | Rejected) -> list[Any]:
+    if isinstance(item, Rejected):
+        return ["rejected", item.image_id, item.reason, item.source_path, item.row]
+    return [
+        "record", item.image_id, item.patient_id, item.labels, item.metadata,
+        item.source_path, item.split, repr(item.key),
+    ]  # fmt: skip
+
+
+def _arrow_safe(values: list[Any]) -> pd.Series:
+    """A metadata column Parquet can store: as read when its types agree, else as text."""
+    try:
+        pa.array(values, from_pandas=True)
+        return pd.Series(values, dtype=object).infer_objects()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return pd.Series([None if v is None else str(v) for v in values], dtype=object)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Worker processes start clean (no threads or locks inherited from this process).
+
+    A fork server, where the platform has one, imports this module once and forks workers
+    from it, so a second preparation in the same process starts its workers at once;
+    elsewhere, spawn.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _run(
+    source: Source,
+    candidates: list[Record],
+    slots: _Slots,
+    settings: _Settings,
+    workers: int,
+    progress: bool,
+) -> None:
+    todo = [s for s in range(len(candidates)) if slots.state[s] == _PENDING]
+    if len(todo) < len(candidates):
+        log.info(
+            "resuming a preparation: %d of %d images already done",
+            len(candidates) - len(todo),
+            len(candidates),
+        )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("preparing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not progress,
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task("prepare", total=len(candidates), completed=len(candidates) - len(todo))
+        try:
+            if workers == 1 or len(todo) <= 1:
+                for slot in todo:
+                    slots.put(_process(source, candidates[slot], slot, settings))
+                    bar.advance(task)
+                return
+            context = _pool_context()
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(source, settings)
+            ) as pool:
+                queue = iter(todo)
+                running: dict[Future[_Result], int] = {}
+
+                def submit() -> None:
+                    slot = next(queue, None)
+                    if slot is not None:
+                        running[pool.submit(_run_task, slot, candidates[slot])] = slot
+
+                try:
+                    for _ in range(2 * workers):
+                        submit()
+                    while running:
+                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for future in sorted(finished, key=running.__getitem__):
+                            del running[future]
+                            slots.put(future.result())
+                            bar.advance(task)
+                            submit()
+                except BaseException:
+                    for future in running:
+                        future.cancel()
+                    raise
+        finally:
+            slots.checkpoint()
+
+
+def prepare_store(
+    source: Source,
+    out: Path,
+    image_size: int,
+    roi_keys: Sequence[str] = (),
+    workers: int = 0,
+    progress: bool = True,
+) -> Store:
+    """Decode every image of ``source`` once into a prepared store under ``out``.
+
+    Parameters
+    ----------
+    source : Source
+        Any data source (folder, synthetic, PadChest …).
+    out : Path
+        The store's folder (``RUN/prepared``).
+    image_size : int
+        Side S of the square images (resize with padding, SPEC §1).
+    roi_keys : sequence of str
+        Union keys such as ``"disc+cup"`` to precompute besides the named ROIs (named ROIs
+        may be listed too; they always get distance maps).
+    workers : int
+        Processes that decode images; 0 = one per CPU core, 1 = in this process.
+    progress : bool
+        Show a progress bar.
+
+    Notes
+    -----
+    ``manifest.parquet`` has one row per input, in the source's order: ``image_id``,
+    ``patient_id``, ``status`` ("kept"/"rejected"), ``reason`` (empty when kept; the text
+    before its first ``:``, ``;`` or ``(`` is its kind, see :meth:`Store.counts`),
+    ``source_path``, ``row`` (the source's row number where it has one: ``Rejected.row``, or
+    ``row`` of the record or of its key; the folder source counts the CSV header as row 1),
+    ``index`` (0..n-1 for kept rows, -1 otherwise), ``split``, one nullable Int8 column per
+    class, one column per metadata column (as read; text when a column mixes types) and
+    ``roi_fraction_<roi>`` per named ROI (share of the native image inside the ROI; NaN
+    unless kept). Rejections found while preparing: ``unreadable image or mask``, ``mask size
+    mismatch``, ``empty ROI mask`` (naming the ROI), ``image all zero``, ``duplicate image id``.
+
+    Returns
+    -------
+    Store
+        The opened store. A complete store of the same inputs is opened without work; an
+        unfinished one is resumed; one of other inputs (source rows, image size, ROI keys)
+        is prepared again.
+
+    Raises
+    ------
+    MaskauditError
+        For an unknown ROI key, a class or metadata name that clashes with a manifest column,
+        or when no image is usable (the manifest is still written, to say why).
+    """
+    out = Path(out)
+    if image_size < 1:
+        raise MaskauditError(f"image_size must be >= 1, got {image_size}")
+    if workers < 0:
+        raise MaskauditError(f"workers must be >= 0, got {workers}")
+    workers = workers or os.cpu_count() or 1
+    rois = tuple(source.rois)
+    unions = tuple(union_keys(rois, roi_keys))
+    classes, metadata_columns = list(source.classes), list(source.metadata_columns)
+    fraction_columns = [f"roi_fraction_{roi}" for roi in rois]
+    clashes = [c for c in [*classes, *metadata_columns] if c in FIXED_COLUMNS or c in fraction_columns]
+    if clashes or len(set(classes + metadata_columns)) != len(classes) + len(metadata_columns):
+        raise MaskauditError(
+            f"{source.name}: class and metadata column names must be distinct and must not be one of the "
+            f"manifest's own columns {', '.join(FIXED_COLUMNS)}; "
+            f"got classes {classes}, metadata {metadata_columns}"
+        )
+    settings = _Settings(image_size, int(source.channels), rois, unions)
+
+    items = list(source.records())
+    description = describe_source(source)
+    plan_doc = {
+        "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels, "rois": list(rois),
+        "unions": list(unions), "classes": classes, "metadata": metadata_columns, "source": description,
+        "items": [_listing_entry(item) for item in items],
+    }  # fmt: skip
+    plan = hashlib.sha256(json.dumps(plan_doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    marker = out / MARKER
+    if marker.is_file():
+        if read_json(marker).get("plan") == plan:
+            return Store.open(out)
+        log.info("the prepared store in %s was made from other inputs; preparing it again", out)
+        marker.unlink()
+    for stale in [out / IMAGES, out / MANIFEST, *out.glob("dist_*.npy")]:
+        stale.unlink(missing_ok=True)  # files of an older store; this preparation writes its own
+
+    # candidates: records the source kept, less repeated image ids
+    candidates: list[Record] = []
+    slot_of: dict[int, int] = {}  # item position -> slot
+    duplicates: dict[int, str] = {}
+    first_seen: dict[str, int] = {}
+    for position, item in enumerate(items):
+        if isinstance(item, Record):
+            if item.image_id in first_seen:
+                duplicates[position] = (
+                    f"duplicate image id: {item.image_id!r} (first at input {first_seen[item.image_id]})"
+                )
+                continue
+            first_seen[item.image_id] = position
+            slot_of[position] = len(candidates)
+            candidates.append(item)
+
+    m = len(candidates)
+    slots = _Slots(out / WORK, plan, m, settings) if m else None
+    if slots is not None:
+        try:
+            _run(source, candidates, slots, settings, workers, progress)
+        finally:
+            slots.checkpoint()
+    state = np.asarray(slots.state) if slots is not None else np.zeros(0, np.uint8)
+    kept_slots = np.flatnonzero(state >= _DONE8)
+    index_of = {int(s): i for i, s in enumerate(kept_slots)}
+    n = len(kept_slots)
+
+    # the manifest: every input, in the source's order
+    rows: list[dict[str, Any]] = []
+    for position, item in enumerate(items):
+        slot = slot_of.get(position)
+        base = {
+            "image_id": item.image_id, "source_path": item.source_path, "row": item.row,
+        }  # fmt: skip
+        if isinstance(item, Rejected):
+            rows.append(
+                {**base, "patient_id": None, "status": "rejected", "reason": item.reason, "index": -1}
+            )
+            continue
+        if slot is None:
+            status, reason, index = "rejected", duplicates[position], -1
+        elif slot in index_of:
+            status, reason, index = "kept", "", index_of[slot]
+        else:
+            assert slots is not None
+            status, reason, index = "rejected", slots.failures.get(slot, "not prepared"), -1
+        row = {**base, "patient_id": item.patient_id, "status": status, "reason": reason, "index": index}
+        row["split"] = item.split
+        row.update({name: item.labels.get(name) for name in classes})
+        row.update({name: item.metadata.get(name) for name in metadata_columns})
+        if index >= 0:
+            assert slots is not None
+            row.update(
+                zip(fraction_columns, (float(v) for v in slots.fractions[slot][: len(rois)]), strict=True)
+            )
+        rows.append(row)
+    manifest = pd.DataFrame(
+        {
+            "image_id": pd.Series([r["image_id"] for r in rows], dtype=object),
+            "patient_id": pd.Series([r["patient_id"] for r in rows], dtype=object),
+            "status": pd.Series([r["status"] for r in rows], dtype=object),
+            "reason": pd.Series([r["reason"] for r in rows], dtype=object),
+            "source_path": pd.Series([r["source_path"] for r in rows], dtype=object),
+            "row": pd.array([r["row"] for r in rows], dtype="Int64"),
+            "index": np.array([r["index"] for r in rows], dtype=np.int64),
+            "split": pd.Series([r.get("split") for r in rows], dtype=object),
+            **{c: pd.array([r.get(c) for r in rows], dtype="Int8") for c in classes},
+            **{c: _arrow_safe([r.get(c) for r in rows]) for c in metadata_columns},
+            **{c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in fraction_columns},
+        }
+    )
+    write_table(out / MANIFEST, manifest)
+    if n == 0:
+        if slots is not None:
+            slots.close()
+            shutil.rmtree(out / WORK, ignore_errors=True)
+        counts = manifest["reason"].map(reason_kind).value_counts()
+        raise MaskauditError(
+            f"{source.name}: no usable image among {len(items)} inputs "
+            f"({'; '.join(f'{k}: {v}' for k, v in counts.items())}); see {out / MANIFEST}"
+        )
+    assert slots is not None
+
+    # compact the kept slots to 0 .. n-1 (a rename when every candidate was kept)
+    wide = bool(np.any(state[kept_slots] == _DONE16))
+    dtype = np.uint16 if wide else np.uint8
+    work_images = slots.images
+    assert work_images is not None and work_images.dtype == dtype
+    finals = [
+        (work_images, out / IMAGES),
+        *((d, out / dist_file(k)) for d, k in zip(slots.dists, slots.keys, strict=True)),
+    ]
+    sources_paths = [out / WORK / IMAGES, *(out / WORK / dist_file(k) for k in slots.keys)]
+    for (array, target), work_path in zip(finals, sources_paths, strict=True):
+        if n == m:
+            array.flush()
+            os.replace(work_path, target)
+            continue
+        final = np.lib.format.open_memmap(target, mode="w+", dtype=array.dtype, shape=(n, *array.shape[1:]))
+        for start in range(0, n, 256):
+            final[start : start + 256] = array[kept_slots[start : start + 256]]
+        final.flush()
+        del final
+    mean_intensity = float(np.mean(slots.means[kept_slots]))
+    fingerprint = hashlib.sha256()
+    meta = {
+        "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels,
+        "dtype": np.dtype(dtype).name, "classes": classes, "rois": list(rois), "roi_keys": [*rois, *unions],
+        "metadata_columns": metadata_columns,
+    }  # fmt: skip
+    fingerprint.update(json.dumps(meta, sort_keys=True).encode())
+    fingerprint.update(manifest.to_csv(index=False).encode())
+    fingerprint.update(np.ascontiguousarray(slots.digests[kept_slots]).tobytes())
+    slots.close()
+    write_json(
+        marker,
+        {
+            **meta,
+            "image_max": 65535 if wide else 255,
+            "n": n,
+            "n_rejected": int((manifest["status"] == "rejected").sum()),
+            "mean_intensity": mean_intensity,
+            "fingerprint": fingerprint.hexdigest()[:16],
+            "source": description,
+            "plan": plan,
+        },
+    )
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return Store.open(out)
+
+
+# --------------------------------------------------------------------------------------------- open
+
+
+class Store:
+    """A prepared store, memory-mapped; training and evaluation read only this.
+
+    Attributes
+    ----------
+    root : Path
+    image_size, channels, n : int
+        S, C and the number of kept images.
+    classes, rois, roi_keys, metadata_columns : list of str
+        ``roi_keys`` are the keys :meth:`distance` accepts (named ROIs, then unions).
+    manifest : DataFrame
+        Every input row, kept and rejected (see :func:`prepare_store`).
+    kept : DataFrame
+        The kept rows, ordered by ``index`` (row ``i`` describes ``images[i]``).
+    images : ndarray of shape (n, C, S, S)
+        Read-only memory map, uint8 or uint16; ``images / image_max`` is the image in [0, 1].
+    image_max : int
+        255 or 65535.
+    labels : ndarray of shape (n, K), float32
+    mean_intensity : float
+        Mean of all kept images in [0, 1].
+    fingerprint : str
+        Changes when the prepared content changes.
+    """
+
+    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.meta = meta
+        self.image_size: int = int(meta["image_size"])
+        self.channels: int = int(meta["channels"])
+        self.classes: list[str] = list(meta["classes"])
+        self.rois: list[str] = list(meta["rois"])
+        self.roi_keys: list[str] = list(meta["roi_keys"])
+        self.metadata_columns: list[str] = list(meta["metadata_columns"])
+        self.n: int = int(meta["n"])
+        self.image_max: int = int(meta["image_max"])
+        self.mean_intensity: float = float(meta["mean_intensity"])
+        self.fingerprint: str = str(meta["fingerprint"])
+        self.source: dict[str, Any] = dict(meta.get("source", {}))
+        self.manifest: pd.DataFrame = pd.read_parquet(self.root / MANIFEST)
+        kept = self.manifest[self.manifest["status"] == "kept"]
+        self.kept: pd.DataFrame = kept.sort_values("index").reset_index(drop=True)
+        self.images: np.ndarray = np.load(self.root / IMAGES, mmap_mode="r")
+        expected = (self.n, self.channels, self.image_size, self.image_size)
+        if self.images.shape != expected or len(self.kept) != self.n:
+            raise MaskauditError(
+                f"{self.root}: the prepared store is inconsistent (images {self.images.shape}, "
+                f"{len(self.kept)} kept rows, expected {expected}); "
+                "delete it and run `maskaudit prepare` again"
+            )
+        self.labels: np.ndarray = (
+            self.kept[self.classes]
+            .to_numpy(dtype=np.float32, na_value=np.nan)
+            .reshape(self.n, len(self.classes))
+        )
+        self._distances: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open a complete store.
+
+        Raises
+        ------
+        MaskauditError
+            When the folder holds no complete store (no ``store.json``, or a file missing).
+        """
+        root = Path(path)
+        marker = root / MARKER
+        if not marker.is_file():
+            state = "an unfinished preparation" if (root / WORK).is_dir() else "no prepared store"
+            raise MaskauditError(f"{root}: {state}; run `maskaudit prepare` first")
+        meta = read_json(marker)
+        if meta.get("version") != STORE_VERSION:
+            raise MaskauditError(
+                f"{root}: store version {meta.get('version')}, this maskaudit reads {STORE_VERSION}; "
+                "run `maskaudit prepare` again"
+            )
+        needed = [MANIFEST, IMAGES, *(dist_file(k) for k in meta["roi_keys"])]
+        missing = [name for name in needed if not (root / name).is_file()]
+        if missing:
+            raise MaskauditError(
+                f"{root}: the prepared store is incomplete (missing {', '.join(missing)}); "
+                "run `maskaudit prepare` first"
+            )
+        return cls(root, meta)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images.dtype
+
+    def distance(self, roi_key: str) -> np.ndarray:
+        """Signed taxicab distance maps of a ROI key, a read-only (n, S, S) int16 memory map.
+
+        ``dist <= spread`` is the ROI after ``spread`` (see :mod:`maskaudit.masking`).
+
+        Raises
+        ------
+        MaskauditError
+            For a key that was not prepared; the message lists the available ones.
+        """
+        if roi_key not in self._distances:
+            if roi_key not in self.roi_keys:
+                raise MaskauditError(
+                    f"ROI key {roi_key!r} is not in the prepared store {self.root}; available: "
+                    f"{', '.join(self.roi_keys) or '(none)'} (a union must be listed when preparing)"
+                )
+            self._distances[roi_key] = np.load(self.root / dist_file(roi_key), mmap_mode="r")
+        return self._distances[roi_key]
+
+    def counts(self) -> pd.DataFrame:
+        """Rows kept and rejected, per kind of reason: columns ``status``, ``reason``, ``count``."""
+        kinds = self.manifest["reason"].fillna("").map(reason_kind)
+        table = (
+            pd.DataFrame({"status": self.manifest["status"], "reason": kinds})
+            .groupby(["status", "reason"], sort=False)
+            .size()
+            .reset_index(name="count")
+        )
+        order = table["status"].map({"kept": 0}).fillna(1)
+        return (
+            table.assign(_order=order)
+            .sort_values(["_order", "count", "reason"], ascending=[True, False, True])
+            .drop(columns="_order")
+            .reset_index(drop=True)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({self.root}, n={self.n}, size={self.image_size}, channels={self.channels}, "
+            f"dtype={self.dtype}, rois={self.roi_keys})"
+        )

@@ -1,0 +1,190 @@
+"""End to end: the CLI on tiny synthetic and real data, skipping, and resuming after a real kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from maskaudit.cli import app
+from maskaudit.rundir import read_json
+
+TINY = {
+    "data": {
+        "source": "synthetic",
+        "kind": "cxr",
+        "n_patients": 24,
+        "images_per_patient": [1, 2],
+        "classes": {"opacity": {"signal": "roi"}, "device": {"signal": "outside"}},
+    },
+    "image_size": 32,
+    "strategies": ["full", "no_roi", "only_roi"],
+    "folds": 2,
+    "seed": 7,
+    "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "patience": 2},
+    "workers": 1,
+}
+
+
+def _write(tmp_path: Path, config: dict, name: str = "audit.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _cli(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def test_run_end_to_end_then_skip(tmp_path: Path):
+    cfg, out = _write(tmp_path, TINY), tmp_path / "run"
+    _cli("run", str(cfg), "--out", str(out))
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert list(preds.columns) == ["split", "train_strategy", "fold", "test_strategy", "image_id", "class",
+                                   "label", "probability"]
+    test = preds[preds["split"] == "test"]
+    n_test = len(read_json(out / "splits.json")["test"]["images"])
+    assert len(test) == 3 * 2 * 3 * n_test * 2  # train strategies x folds x test strategies x images x classes
+    by_fold = pd.read_csv(out / "metrics" / "auc_by_fold.csv")
+    assert {"train_strategy", "test_strategy", "class", "fold", "auc", "n_pos", "n_neg"} <= set(by_fold.columns)
+    for name in ("opacity", "device"):
+        assert (out / "figures" / f"auc_{name}.png").is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "http://" not in html.replace("http://www.w3", "")
+    for job in ("full/fold_0", "only_roi/fold_1"):
+        history = pd.read_csv(out / "jobs" / job / "history.csv")
+        assert {"train_loss", "val_loss", "val_auc_opacity"} <= set(history.columns)
+        assert not (out / "jobs" / job / "last.pt").exists()
+    stamps = read_json(out / "stages.json")
+    _cli("run", str(cfg), "--out", str(out))
+    assert read_json(out / "stages.json") == stamps  # nothing redone
+
+
+def test_stage_commands_alone(tmp_path: Path):
+    cfg, out = _write(tmp_path, {**TINY, "strategies": ["full", "no_roi"]}), tmp_path / "run"
+    _cli("prepare", "--config", str(cfg), "--out", str(out))
+    assert (out / "prepared" / "manifest.parquet").is_file()
+    _cli("split", "--out", str(out))
+    _cli("train", "--out", str(out), "--strategy", "full", "--fold", "0")
+    assert (out / "jobs" / "full" / "fold_0" / "model.pt").is_file()
+    assert not (out / "jobs" / "no_roi").exists()
+    _cli("train", "--out", str(out))
+    _cli("predict", "--out", str(out))
+    _cli("metrics", "--out", str(out))
+    _cli("report", "--out", str(out))
+    assert (out / "report.html").is_file()
+
+
+def test_changed_training_config_retrains_and_keeps_the_store(tmp_path: Path):
+    cfg, out = _write(tmp_path, {**TINY, "strategies": ["full"]}), tmp_path / "run"
+    _cli("run", str(cfg), "--out", str(out))
+    before = read_json(out / "stages.json")
+    changed = {**TINY, "strategies": ["full"], "train": {**TINY["train"], "lr": 0.001}}
+    _cli("run", str(_write(tmp_path, changed)), "--out", str(out))
+    after = read_json(out / "stages.json")
+    assert after["prepare"] == before["prepare"] and after["split"] == before["split"]
+    assert after["train"]["fingerprint"] != before["train"]["fingerprint"]
+
+
+def test_user_error_is_one_line(tmp_path: Path):
+    cfg = _write(tmp_path, {**TINY, "train": {"learning_rate": 1}})
+    result = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "unknown key 'train.learning_rate'" in result.output
+
+
+def _maskaudit(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
+    return subprocess.Popen([sys.executable, "-m", "maskaudit", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_predictions(tmp_path: Path):
+    config = {**TINY, "strategies": ["full", "no_roi"], "train": {**TINY["train"], "epochs": 4, "patience": 4}}
+    cfg = _write(tmp_path, config)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _maskaudit("run", str(cfg), "--out", str(whole)).wait(timeout=600) == 0
+
+    proc = _maskaudit("run", str(cfg), "--out", str(killed))
+    deadline = time.time() + 300
+    # kill in the middle of the training grid: once a job has saved an epoch and another has finished
+    while time.time() < deadline:
+        if list(killed.glob("jobs/*/fold_*/last.pt")) and list(killed.glob("jobs/*/fold_*/job.json")):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "predictions.parquet").exists()
+    assert _maskaudit("run", str(cfg), "--out", str(killed)).wait(timeout=600) == 0
+
+    a = pd.read_parquet(whole / "predictions.parquet")
+    b = pd.read_parquet(killed / "predictions.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_real_chest_xrays_through_the_folder_source(tmp_path: Path, cxr_dir: Path):
+    config = {
+        "data": {
+            "source": "folder",
+            "labels_csv": str(cxr_dir / "labels.csv"),
+            "image_column": "image",
+            "mask_column": "mask",
+            "patient_column": "patient_id",
+            "id_column": "image_id",
+            "classes": ["covid"],
+            "metadata_columns": ["sex", "age", "projection"],
+        },
+        "image_size": 48,
+        "strategies": ["full", "no_roi", "only_roi_bbox"],
+        "folds": 2,
+        "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
+        "train": {"epochs": 1, "batch_size": 16},
+    }
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    manifest = pd.read_parquet(out / "prepared" / "manifest.parquet")
+    assert len(manifest) == 182 and (manifest["status"] == "kept").all()
+    splits = read_json(out / "splits.json")
+    test_patients = set(splits["test"]["patients"])
+    assert all(not (test_patients & set(f["patients"])) for f in splits["folds"])
+    by_fold = pd.read_csv(out / "metrics" / "auc_by_fold.csv")
+    assert by_fold["auc"].notna().all()
+
+
+def test_real_fundus_with_two_rois_and_the_official_split(tmp_path: Path, fundus_dir: Path):
+    config = {
+        "data": {
+            "source": "folder",
+            "labels_csv": str(fundus_dir / "labels.csv"),
+            "mask_column": "mask",
+            "mask_columns": {"cup": "mask_cup"},
+            "id_column": "image_id",
+            "split_column": "split",
+            "classes": ["glaucoma"],
+            "color": "rgb",
+        },
+        "roi": "roi+cup",
+        "image_size": 48,
+        "strategies": ["full", "only_roi"],
+        "folds": 2,
+        "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
+        "train": {"epochs": 1, "batch_size": 16},
+    }
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    splits = read_json(out / "splits.json")
+    labels = pd.read_csv(fundus_dir / "labels.csv")
+    assert sorted(splits["test"]["images"]) == sorted(labels.loc[labels["split"] == "test", "image_id"])
+    assert (out / "prepared" / "dist_roi+cup.npy").is_file()
