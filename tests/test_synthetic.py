@@ -129,6 +129,16 @@ def test_masks_are_non_empty_and_nested(kind: str) -> None:
             assert not (rois["lungs"] & rois["heart"]).any()  # the heart is cut out of the lungs
 
 
+@pytest.mark.parametrize("size", [32, SIZE])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_image_saturates_so_max_scaling_carries_no_signal(kind: str, size: int) -> None:
+    source = make(kind, n_patients=20, size=size)
+    for record in list(source.records())[:20]:
+        for name in ("marker", "inside", "scanner", "big"):
+            for value in (0, 1):
+                assert source.render(record.key, {name: value}).image.max() == 255
+
+
 def test_records_are_grouped_by_patient() -> None:
     config = SyntheticData(source="synthetic", n_patients=30, images_per_patient=(2, 4))
     source = SyntheticSource(config, seed=1, image_size=SIZE)

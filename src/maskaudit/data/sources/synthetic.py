@@ -29,10 +29,10 @@ the pixels of that class's signal, and the ROI masks only when the signal is ``s
     which stays inside the disc; the cup *mask* follows the cup, as a real annotation would, while
     the disc mask (the default ROI) does not change.
 ``outside``
-    A bright burned-in marker (an ``L`` glyph, a ring or a cross) in a corner or at the top or
-    bottom centre of the image, placed so that it lies outside the bounding box of every ROI with
-    a margin: it survives ``no_roi`` and ``no_roi_bbox`` and is removed by ``only_roi`` and
-    ``only_roi_bbox``.
+    A bright burned-in marker (an ``L`` glyph, a ring or a cross; side 11 % of the image) in a
+    corner (``cxr`` also at the top or bottom centre), placed so that it lies outside the bounding
+    box of every ROI with a margin: it survives ``no_roi`` and ``no_roi_bbox`` and is removed by
+    ``only_roi`` and ``only_roi_bbox``.
 ``global``
     A scanner-like change of the whole image: a gamma below one (mid-tones brightened) and a fine
     noise texture, present in the unmasked pixels of every strategy.
@@ -43,7 +43,12 @@ the pixels of that class's signal, and the ROI masks only when the signal is ``s
     Nothing: the label is noise with respect to the pixels.
 
 ``strength`` scales the contrast (or the geometric change) linearly; zero makes a signal
-invisible. Several positive classes of one kind combine as ``1 - prod(1 - strength)``.
+invisible. Opacities, markers and global changes of several positive classes add up; geometric
+changes (``shape``, fundus ``roi``) combine as ``1 - prod(1 - strength)``.
+
+*Saturation.* Every image holds a saturated, label-independent structure (the spine of ``cxr``,
+the red channel of the optic disc of ``fundus``), so its maximum is 255 whatever its labels, and
+scaling each image by its own maximum (SPEC §1) cannot spread a local signal over the image.
 
 *Metadata.* ``sex`` and ``age`` are per patient, ``projection`` and ``camera`` per image. A
 column that ``correlates_with`` a class follows that class's label (the patient's latent state
@@ -377,6 +382,7 @@ class SyntheticSource(Source):
                 "clav_y": u(0.17, 0.20), "clav_rise": u(0.04, 0.08),
                 "rib_freq": u(9.0, 12.0), "rib_phase": u(0.0, 1.0),
                 "tissue": u(0.42, 0.52), "lung": u(0.13, 0.2), "heart": u(0.6, 0.7), "bone": u(0.15, 0.22),
+                "spine": u(0.75, 0.9),
             }
         side = 1.0 if rng.random() < 0.5 else -1.0
         angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -469,7 +475,13 @@ class SyntheticSource(Source):
 
     def _finish(self, image: np.ndarray, jitter: _Jitter, p: int, i: int,
                 labels: Mapping[str, int]) -> np.ndarray:
-        """Acquisition: gain, gamma (jitter and ``global`` signal), fine noise; quantise to uint8."""
+        """Acquisition: gain, gamma (jitter and ``global`` signal), fine noise; quantise to uint8.
+
+        The anatomy of every image holds a saturated structure (the spine for ``cxr``, the red
+        channel of the optic disc for ``fundus``), so every image's maximum is 255 whatever its
+        labels: normalising an image by its own maximum (SPEC §1) cannot carry a signal from one
+        place of the image to every other.
+        """
         size = self.size
         gamma = jitter.gamma
         texture = None
@@ -483,7 +495,7 @@ class SyntheticSource(Source):
                 texture = grain if texture is None else texture + grain
         # in place: `image` is the caller's scratch buffer
         image *= np.float32(jitter.gain)
-        np.clip(image, 0.0, 1.0, out=image)
+        np.maximum(image, 0.0, out=image)  # values above 1 stay above 1 through the gamma, then saturate
         np.power(image, np.float32(gamma), out=image)
         noise = _fine_noise(_rng(self.seed, _JITTER, p, i, 1), size)
         noise *= np.float32(jitter.noise)
@@ -548,7 +560,7 @@ class SyntheticSource(Source):
         sw = jit.box(size, 0.41, 0.59, -0.05, 1.05)
         spine = np.exp(-(((x[sw] - 0.5) * (1.0 / 0.028)) ** 2))
         spine *= 0.8 + 0.2 * np.sin((2.0 * math.pi * 16.0) * y[sw])
-        image[sw] += a["bone"] * torso[sw] * spine
+        image[sw] += a["spine"] * torso[sw] * spine  # saturates: see `_finish`
         for mid, tip in ((0.46, 0.2), (0.54, 0.8)):
             ends = ((mid, a["clav_y"]), (tip, a["clav_y"] - a["clav_rise"]))
             cw = jit.window(size, np.array([mid, tip]), np.array([ends[0][1], ends[1][1]]), 0.016)
@@ -618,7 +630,7 @@ class SyntheticSource(Source):
             r_cup = _ellipse(u, v, off * a["cup_ox"] * rd, off * a["cup_oy"] * rd * asp, cdr * rd,
                              cdr * rd * asp)
             disc[dw], cup[dw] = r_disc < 1.0, r_cup < 1.0
-            for r_shape, tint in ((r_disc, (0.95, 0.68, 0.33)), (r_cup, (1.0, 0.96, 0.86))):
+            for r_shape, tint in ((r_disc, (1.3, 0.68, 0.33)), (r_cup, (1.0, 0.96, 0.86))):
                 fill = _soft(r_shape, 0.35)
                 image[dw] += fill[..., None] * (np.array(tint, np.float32) - image[dw])
 
