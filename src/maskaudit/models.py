@@ -456,7 +456,7 @@ SMALL_CNN_WIDTHS = (16, 32, 64, 64)
 def build_small_cnn(config: ModelConfig, n_classes: int, in_channels: int) -> Classifier:
     """A small, fast CNN for CPU runs, tests and demos; no pretrained weights.
 
-    Four ``Conv3x3(stride 2) → BatchNorm → ReLU`` blocks (16, 32, 64, 64 channels), global average
+    Four ``Conv3x3 → BatchNorm → ReLU → MaxPool2x2`` blocks (16, 32, 64, 64 channels), global average
     pooling and ``Flatten → Linear(64, K)``. It takes 1 or 3 channels natively (no repeat) and works
     for any S >= 32 (the last feature map is S/16). Freeze ``study`` freezes nothing: the network is
     trained from scratch. ``weights`` must be ``none``.
@@ -471,9 +471,10 @@ def build_small_cnn(config: ModelConfig, n_classes: int, in_channels: int) -> Cl
     width_in = in_channels
     for width in SMALL_CNN_WIDTHS:
         layers += [
-            nn.Conv2d(width_in, width, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.Conv2d(width_in, width, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=False),
+            nn.MaxPool2d(2),
         ]
         width_in = width
     return Classifier(
