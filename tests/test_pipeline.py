@@ -188,3 +188,24 @@ def test_real_fundus_with_two_rois_and_the_official_split(tmp_path: Path, fundus
     labels = pd.read_csv(fundus_dir / "labels.csv")
     assert sorted(splits["test"]["images"]) == sorted(labels.loc[labels["split"] == "test", "image_id"])
     assert (out / "prepared" / "dist_roi+cup.npy").is_file()
+
+
+@pytest.mark.slow
+def test_demo_finds_what_was_planted(tmp_path: Path):
+    """The demo's recipe on a smaller grid: ROI evidence needs the ROI, outside evidence does without it."""
+    from maskaudit.cli import demo_config
+
+    config = demo_config("cxr")
+    config["data"]["classes"] = {k: v for k, v in config["data"]["classes"].items() if k in ("opacity", "device")}
+    config["data"]["metadata"] = {}
+    config.update(strategies=["full", "no_roi", "only_roi"], folds=3, workers=1)
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    matrix = pd.read_csv(out / "metrics" / "auc_matrix.csv")
+    auc = matrix[matrix["split"] == "test"].set_index(["class", "train_strategy", "test_strategy"])["auc_mean"]
+    assert auc["opacity", "full", "full"] > 0.85
+    assert auc["opacity", "only_roi", "only_roi"] > 0.85
+    assert auc["opacity", "no_roi", "no_roi"] < 0.65
+    assert auc["device", "full", "full"] > 0.85
+    assert auc["device", "no_roi", "no_roi"] > 0.85
+    assert auc["device", "only_roi", "only_roi"] < 0.65

@@ -331,3 +331,15 @@ def test_a_source_without_masks_and_one_without_usable_images(folder: Path, tmp_
     with pytest.raises(MaskauditError, match="no usable image among 11 inputs"):
         prepare_store(FolderSource(bad), tmp_path / "none", SIZE, workers=1, progress=False)
     assert len(pd.read_parquet(tmp_path / "none" / "manifest.parquet")) == 11
+
+
+def test_a_store_pickles_by_path_not_by_content(fundus_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    config = FolderData(source="folder", labels_csv=fundus_dir / "labels.csv", id_column="image_id",
+                        classes=["glaucoma"], color="rgb")
+    store = prepare_store(FolderSource(config), tmp_path / "s", image_size=32, workers=1, progress=False)
+    payload = pickle.dumps(store)
+    assert len(payload) < 1000 < store.images.nbytes
+    back = pickle.loads(payload)
+    assert np.array_equal(back.images, store.images) and back.root == store.root

@@ -684,6 +684,10 @@ class Store:
         )
         self._distances: dict[str, np.ndarray] = {}
 
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        """Pickled by path: a worker process reopens the memory maps instead of receiving their bytes."""
+        return (Store.open, (self.root,))
+
     @classmethod
     def open(cls, path: Path) -> Store:
         """Open a complete store.

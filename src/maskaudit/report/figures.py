@@ -18,6 +18,15 @@ AUC_CMAP = "RdYlGn"
 AUC_RANGE = (0.5, 1.0)
 
 
+def _text_colour(cmap: matplotlib.colors.Colormap, value: float) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell's colour)."""
+    if np.isnan(value):
+        return "black"
+    low, high = AUC_RANGE
+    r, g, b, _ = cmap(np.clip((value - low) / (high - low), 0, 1))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
 def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt.Figure:
     """The study's figure: rows training strategy, columns test strategy, values printed."""
     values = mean.to_numpy(dtype=float)
@@ -34,7 +43,7 @@ def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt
                 text = f"{v:.2f}"
                 if std is not None and not np.isnan(std.iat[r, c]):
                     text += f"\n±{std.iat[r, c]:.2f}"
-            ax.text(c, r, text, ha="center", va="center", fontsize=7.5, color="black")
+            ax.text(c, r, text, ha="center", va="center", fontsize=7.5, color=_text_colour(cmap, v))
     ax.set_xticks(range(n_cols), [s.replace("_", " ") for s in mean.columns], rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(n_rows), [s.replace("_", " ") for s in mean.index], fontsize=8)
     ax.set_xlabel("test masking", fontsize=8)
