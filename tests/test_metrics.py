@@ -25,7 +25,8 @@ def _predictions() -> pd.DataFrame:
             for fold in range(3):
                 labels = rng.integers(0, 2, 30)
                 for i, y in enumerate(labels):
-                    rows.append(("test", train, fold, test, f"i{i}", "a", float(y), float(y * 0.5 + rng.random() * 0.6)))
+                    score = float(y * 0.5 + rng.random() * 0.6)
+                    rows.append(("test", train, fold, test, f"i{i}", "a", float(y), score))
                     rows.append(("test", train, fold, test, f"i{i}", "b", 0.0, rng.random()))
     return pd.DataFrame(rows, columns=["split", "train_strategy", "fold", "test_strategy", "image_id", "class",
                                        "label", "probability"])
