@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_pipeline import TINY
 from typer.testing import CliRunner
 
 from maskaudit.cli import app
-from test_pipeline import TINY
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install maskaudit[ray]`")
 
