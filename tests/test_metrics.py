@@ -26,10 +26,11 @@ def _predictions() -> pd.DataFrame:
                 labels = rng.integers(0, 2, 30)
                 for i, y in enumerate(labels):
                     score = float(y * 0.5 + rng.random() * 0.6)
-                    rows.append(("test", train, fold, test, f"i{i}", "a", float(y), score))
-                    rows.append(("test", train, fold, test, f"i{i}", "b", 0.0, rng.random()))
-    return pd.DataFrame(rows, columns=["split", "train_strategy", "fold", "test_strategy", "image_id", "class",
-                                       "label", "probability"])
+                    rows.append(("main", "test", train, fold, test, f"i{i}", "a", float(y), score))
+                    rows.append(("main", "test", train, fold, test, f"i{i}", "b", 0.0, rng.random()))
+    columns = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label",
+               "probability"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def test_by_fold_and_matrix():

@@ -50,7 +50,7 @@ def test_run_end_to_end_then_skip(tmp_path: Path):
     cfg, out = _write(tmp_path, TINY), tmp_path / "run"
     _cli("run", str(cfg), "--out", str(out))
     preds = pd.read_parquet(out / "predictions.parquet")
-    assert list(preds.columns) == ["split", "train_strategy", "fold", "test_strategy", "image_id", "class",
+    assert list(preds.columns) == ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class",
                                    "label", "probability"]
     test = preds[preds["split"] == "test"]
     n_test = len(read_json(out / "splits.json")["test"]["images"])
@@ -209,3 +209,35 @@ def test_demo_finds_what_was_planted(tmp_path: Path):
     assert auc["device", "full", "full"] > 0.85
     assert auc["device", "no_roi", "no_roi"] > 0.85
     assert auc["device", "only_roi", "only_roi"] < 0.65
+
+
+def test_external_datasets_join_the_prediction_table(tmp_path: Path):
+    """An external set is scored by every model under every strategy; a class it lacks has no AUC, with a reason."""
+    other = {"source": "synthetic", "kind": "cxr", "n_patients": 8, "images_per_patient": [1, 1],
+             "classes": {"opacity": {"signal": "roi"}}}
+    config = {**TINY, "strategies": ["full", "only_roi"], "external": [{"name": "other", "data": other}]}
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    preds = pd.read_parquet(out / "predictions.parquet")
+    ext = preds[preds["dataset"] == "other"]
+    assert set(ext["split"]) == {"external"} and set(ext["test_strategy"]) == {"full", "only_roi"}
+    assert len(ext) == 2 * 2 * 2 * 8 * 2  # train strategies x folds x test strategies x images x classes
+    by_fold = pd.read_csv(out / "metrics" / "auc_by_fold.csv")
+    device = by_fold[(by_fold["dataset"] == "other") & (by_fold["class"] == "device")]
+    assert device["auc"].isna().all() and (device["reason"] == "class not labelled in this data").all()
+    assert (out / "figures" / "auc_other_opacity.png").is_file()
+    assert "external: other" in (out / "report.html").read_text()
+
+
+def test_external_data_without_masks_is_scored_full_only(tmp_path: Path, cxr_dir: Path):
+    data = {"source": "folder", "labels_csv": str(cxr_dir / "labels.csv"), "patient_column": "patient_id",
+            "id_column": "image_id", "classes": ["covid"]}
+    config = {**TINY, "data": data, "strategies": ["full", "no_roi"], "folds": 2,
+              "external": [{"name": "unmasked", "data": {**data, "mask_column": None}}]}
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    preds = pd.read_parquet(out / "predictions.parquet")
+    ext = preds[preds["dataset"] == "unmasked"]
+    assert set(ext["test_strategy"]) == {"full"} and ext["image_id"].nunique() == 182
+    matrix = pd.read_csv(out / "metrics" / "auc_matrix.csv")
+    assert matrix.loc[matrix["dataset"] == "unmasked", "auc_mean"].notna().all()

@@ -20,8 +20,15 @@ from maskaudit.errors import MaskauditError
 from maskaudit.masking import apply_strategy, roi_at_spread
 
 
-def roi_key(config: AuditConfig, store: Store) -> str:
-    """The ROI a run masks: the config's ``roi`` (a name or a union ``a+b``) or the store's first ROI."""
+def roi_key(config: AuditConfig, store: Store) -> str | None:
+    """The ROI a run masks: the config's ``roi`` (a name or a union ``a+b``) or the store's first ROI.
+
+    ``None`` for data without masks (only ``full`` can be scored there).
+    """
+    if not store.rois:
+        if config.roi:
+            raise MaskauditError(f"roi {config.roi!r}: this data has no ROI masks")
+        return None
     key = config.roi or store.rois[0]
     unknown = [name for name in key.split("+") if name not in store.rois]
     if unknown:
@@ -46,12 +53,16 @@ class Batch:
     """One batch on the device: raw pixels in [0, 1], the ROI at the run's spread, labels, store indices."""
 
     images: torch.Tensor  # float (B, C, S, S)
-    roi: torch.Tensor  # bool (B, 1, S, S)
+    roi: torch.Tensor | None  # bool (B, 1, S, S); None for data without masks
     labels: torch.Tensor  # float (B, K)
     index: torch.Tensor  # int64 (B,)
 
     def masked(self, strategy: str, config: AuditConfig, store: Store) -> torch.Tensor:
         """The batch as a model trained or tested under ``strategy`` sees it."""
+        if self.roi is None:
+            if strategy != "full":
+                raise MaskauditError(f"strategy {strategy!r} needs ROI masks, and this data has none")
+            return self.images
         seeds = self.index + np.int64(config.seed) * 1_000_003 if config.fill == "noise" else None
         return apply_strategy(
             self.images,
@@ -66,7 +77,7 @@ class Batch:
 class _StoreRows(Dataset):
     """Rows of the store, fetched a whole batch at a time (``__getitems__``)."""
 
-    def __init__(self, store: Store, key: str) -> None:
+    def __init__(self, store: Store, key: str | None) -> None:
         self.store, self.key = store, key
 
     def __len__(self) -> int:
@@ -79,13 +90,14 @@ class _StoreRows(Dataset):
         inverse[order] = np.arange(len(order))
         sorted_idx = idx[order]
         images = np.asarray(self.store.images[sorted_idx])[inverse]
-        dist = np.asarray(self.store.distance(self.key)[sorted_idx])[inverse]
-        return {
+        rows = {
             "images": torch.from_numpy(images.astype(np.int32) if images.dtype == np.uint16 else images),
-            "dist": torch.from_numpy(dist),
             "labels": torch.from_numpy(self.store.labels[idx]),
             "index": torch.from_numpy(idx),
         }
+        if self.key is not None:
+            rows["dist"] = torch.from_numpy(np.asarray(self.store.distance(self.key)[sorted_idx])[inverse])
+        return rows
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:  # pragma: no cover - DataLoader uses __getitems__
         return {k: v[0] for k, v in self.__getitems__([row]).items()}
@@ -121,10 +133,12 @@ def batches(
     scale = 1.0 / store.image_max
     for raw in loader:
         images = raw["images"].to(device, non_blocking=True).float().mul_(scale)
-        dist = raw["dist"].to(device, non_blocking=True).unsqueeze(1)
+        roi = None
+        if "dist" in raw:
+            roi = roi_at_spread(raw["dist"].to(device, non_blocking=True).unsqueeze(1), config.spread)
         yield Batch(
             images=images,
-            roi=roi_at_spread(dist, config.spread),
+            roi=roi,
             labels=raw["labels"].to(device, non_blocking=True),
             index=raw["index"],
         )

@@ -1,6 +1,6 @@
 """AUC tables from the prediction table (SPEC §5): per fold, and the fold mean per class.
 
-``auc_by_fold``: one row per (split, train strategy, test strategy, class, fold) with the
+``auc_by_fold``: one row per (dataset, split, train strategy, test strategy, class, fold) with the
 AUC, the counts of positives and negatives, and the reason when the AUC is undefined.
 ``auc_matrix``: the mean (and standard deviation) over the folds that have an AUC — the
 study's 5x5 matrix per class, rows training strategy, columns test strategy.
@@ -13,7 +13,10 @@ import pandas as pd
 
 from maskaudit.stats import class_auc
 
-KEYS = ["split", "train_strategy", "test_strategy", "class"]
+KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
+
+#: The dataset name of the run's own data in the prediction table; external datasets carry their own.
+MAIN = "main"
 
 
 def auc_by_fold(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -48,8 +51,9 @@ def auc_matrix(by_fold: pd.DataFrame) -> pd.DataFrame:
 
 
 def matrix_of(table: pd.DataFrame, class_name: str, split: str, strategies: list[str],
-              test_strategies: list[str], value: str = "auc_mean") -> pd.DataFrame:
-    """One class's matrix as a square frame: rows training strategy, columns test strategy."""
-    part = table[(table["class"] == class_name) & (table["split"] == split)]
+              test_strategies: list[str], value: str = "auc_mean", dataset: str = MAIN) -> pd.DataFrame:
+    """One class's matrix: rows training strategy, columns test strategy (NaN where not scored)."""
+    part = table[(table["class"] == class_name) & (table["split"] == split) & (table["dataset"] == dataset)]
     grid = part.pivot(index="train_strategy", columns="test_strategy", values=value)
-    return grid.reindex(index=strategies, columns=test_strategies)
+    scored = set(table.loc[table["dataset"] == dataset, "test_strategy"])  # without masks: `full` alone
+    return grid.reindex(index=strategies, columns=[s for s in test_strategies if s in scored])

@@ -77,21 +77,32 @@ class Audit:
 
     # ------------------------------------------------------------------ fingerprints
 
-    def _source_fingerprint(self) -> str:
-        data = self.config.data
+    @staticmethod
+    def _source_fingerprint(config: AuditConfig) -> str:
+        data = config.data
         if data.source == "folder":
             return _file_digest(data.labels_csv)
-        return str(self.config.seed)
+        return str(config.seed)
 
-    @property
-    def roi_keys(self) -> list[str]:
-        return [self.config.roi] if self.config.roi and "+" in self.config.roi else []
+    @staticmethod
+    def _union_keys(roi: str | None) -> list[str]:
+        return [roi] if roi and "+" in roi else []
+
+    def external_configs(self) -> dict[str, AuditConfig]:
+        """Each external dataset as a config of its own: its data, the run's image size, seed and masking."""
+        return {ext.name: self.config.model_copy(update={"data": ext.data, "roi": ext.roi or self.config.roi,
+                                                        "external": []})
+                for ext in self.config.external}
+
+    def _store_fingerprint(self, config: AuditConfig) -> str:
+        return _hash("store", config.data.model_dump(mode="json"), config.image_size,
+                     self._union_keys(config.roi), self._source_fingerprint(config))
 
     def fingerprint(self, stage: str) -> str:
         c = self.config
         if stage == "prepare":
-            return _hash("prepare", c.data.model_dump(mode="json"), c.image_size, self.roi_keys,
-                         self._source_fingerprint())
+            return _hash("prepare", self._store_fingerprint(c),
+                         {name: self._store_fingerprint(ext) for name, ext in self.external_configs().items()})
         if stage == "split":
             return _hash("split", self.fingerprint("prepare"), c.folds, c.test_fraction, c.seed)
         if stage == "train":
@@ -113,7 +124,8 @@ class Audit:
     def predict_fingerprint(self, strategy: str, fold: int) -> str:
         c = self.config
         return _hash("predict", self.job_fingerprint(strategy, fold), c.eval_strategies,
-                     c.predict.model_dump(mode="json", exclude={"batch_size"}))
+                     c.predict.model_dump(mode="json", exclude={"batch_size"}),
+                     {name: (self._store_fingerprint(ext), ext.roi) for name, ext in self.external_configs().items()})
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -150,22 +162,39 @@ class Audit:
     # ------------------------------------------------------------------ stages
 
     def prepare(self, force: bool = False) -> None:
-        def work() -> dict:
-            marker = self.run.prepared / ".fingerprint"
-            wanted = self.fingerprint("prepare")
-            if self.run.prepared.exists() and (not marker.is_file() or marker.read_text() != wanted):
-                shutil.rmtree(self.run.prepared)  # a store of other data or settings: start afresh
-            self.run.prepared.mkdir(parents=True, exist_ok=True)
+        def prepare_one(config: AuditConfig, where: Path) -> dict:
+            marker = where / ".fingerprint"
+            wanted = self._store_fingerprint(config)
+            if where.exists() and (not marker.is_file() or marker.read_text() != wanted):
+                shutil.rmtree(where)  # a store of other data or settings: start afresh
+            where.mkdir(parents=True, exist_ok=True)
             write_text(marker, wanted)
-            store = prepare_store(make_source(self.config), self.run.prepared, self.config.image_size,
-                                  roi_keys=self.roi_keys, workers=self.config.workers)
+            source = make_source(config)
+            unions = [k for k in self._union_keys(config.roi) if all(p in source.rois for p in k.split("+"))]
+            store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers)
             counts = store.manifest["status"].value_counts().to_dict()
             return {"kept": int(counts.get("kept", 0)), "rejected": int(counts.get("rejected", 0))}
+
+        def work() -> dict:
+            summary = prepare_one(self.config, self.run.prepared)
+            for name, config in self.external_configs().items():
+                log.info("prepare: external dataset %s", name)
+                summary[f"external {name}"] = prepare_one(config, self.run.external(name))
+            return summary
 
         self._stage("prepare", work, force)
 
     def store(self) -> Store:
         return Store.open(self.run.prepared)
+
+    def external_stores(self) -> dict[str, tuple[AuditConfig, Store]]:
+        """Each external dataset's config (its ROI settled against its masks) and prepared store."""
+        out = {}
+        for name, config in self.external_configs().items():
+            store = Store.open(self.run.external(name))
+            roi = config.roi if config.roi and all(p in store.rois for p in config.roi.split("+")) else None
+            out[name] = (config.model_copy(update={"roi": roi}), store)
+        return out
 
     def split(self, force: bool = False) -> None:
         def work() -> dict:
@@ -217,7 +246,7 @@ class Audit:
         return meta.is_file() and read_json(meta).get("fingerprint") == self.predict_fingerprint(strategy, fold)
 
     def metrics(self, force: bool = False) -> None:
-        from maskaudit.metrics import auc_by_fold, auc_matrix, matrix_of
+        from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, matrix_of
         from maskaudit.report.figures import auc_heatmap, save_figure
 
         def work() -> None:
@@ -227,12 +256,15 @@ class Audit:
             matrix = auc_matrix(by_fold)
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
-            for name in self.config.classes:
-                mean = matrix_of(matrix, name, "test", self.config.strategies, self.config.eval_strategies)
-                std = matrix_of(matrix, name, "test", self.config.strategies, self.config.eval_strategies,
-                                value="auc_std")
-                fig = auc_heatmap(mean, std, f"{name}: hold-out AUC, mean of {self.config.folds} folds")
-                save_figure(fig, self.run.figures / f"auc_{name}")
+            c = self.config
+            panels = [(MAIN, "test", "hold-out", "auc_{}")]
+            panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.external_configs()]
+            for dataset, split, label, file_name in panels:
+                for name in c.classes:
+                    mean, std = (matrix_of(matrix, name, split, c.strategies, c.eval_strategies, value, dataset)
+                                 for value in ("auc_mean", "auc_std"))
+                    fig = auc_heatmap(mean, std, f"{name}: {label} AUC, mean of {c.folds} folds")
+                    save_figure(fig, self.run.figures / file_name.format(name))
 
         self._stage("metrics", work, force)
 
@@ -272,7 +304,7 @@ def run_predict_job(run_root: str, strategy: str, fold: int) -> dict:
 
     audit, store, splits = _open_job(run_root)
     job_dir = audit.run.job(strategy, fold)
-    table = predict_job(audit.config, store, splits, audit.run, strategy, fold)
+    table = predict_job(audit.config, store, splits, audit.run, strategy, fold, audit.external_stores())
     write_table(job_dir / "predictions.parquet", table)
     write_json(job_dir / "predictions.json", {"fingerprint": audit.predict_fingerprint(strategy, fold),
                                               "rows": len(table)})

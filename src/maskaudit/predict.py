@@ -1,8 +1,12 @@
 """Cross-masking predictions (SPEC §5): every job's model on every test strategy → the long table.
 
 The table has one row per (train strategy, fold, test strategy, image, class), with the
-image's label and the model's probability, and a ``split`` column: ``test`` for the
-hold-out set, ``val`` for the job's own validation fold. Each job writes its part into its
+image's label and the model's probability, a ``dataset`` column (``main`` for the run's own
+data, else the external dataset's name) and a ``split`` column: ``test`` for the hold-out
+set, ``val`` for the job's own validation fold, ``external`` for every image of an
+external dataset. External images are scored under every test strategy their masks allow
+(``full`` alone when they have none); a class the external data does not label gets NaN
+labels, so its AUC is reported missing with the reason. Each job writes its part into its
 folder (so a killed prediction stage resumes job by job); the run's
 ``predictions.parquet`` is their concatenation, the single source of every metric.
 """
@@ -16,11 +20,13 @@ import torch
 from maskaudit.config import AuditConfig
 from maskaudit.data.splits import Splits
 from maskaudit.data.store import Store
+from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
+from maskaudit.metrics import MAIN
 from maskaudit.models import build_model, load_checkpoint
 from maskaudit.rundir import RunDir
 
-COLUMNS = ["split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
+COLUMNS = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
 
 
 def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
@@ -34,34 +40,43 @@ def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, te
             for strategy in test_strategies:
                 logits = model(batch.masked(strategy, config, store)).float()
                 out[strategy].append(torch.sigmoid(logits).cpu().numpy())
-    n_classes = len(store.classes)
+    n_classes = model.n_classes
     return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
 
 
-def long_table(probs: dict[str, np.ndarray], store: Store, indices: np.ndarray, split: str,
-               train_strategy: str, fold: int) -> pd.DataFrame:
-    """Turn per-strategy probability matrices into rows of the long table."""
+def long_table(probs: dict[str, np.ndarray], store: Store, indices: np.ndarray, classes: list[str],
+               dataset: str, split: str, train_strategy: str, fold: int) -> pd.DataFrame:
+    """Turn per-strategy probability matrices (one column per model class) into rows of the long table."""
     image_ids = store.kept["image_id"].to_numpy()[indices]
-    labels = store.labels[indices]
+    missing = np.full(len(indices), np.nan, dtype=np.float32)
     frames = []
     for test_strategy, matrix in probs.items():
-        for k, name in enumerate(store.classes):
+        for k, name in enumerate(classes):
+            labels = store.labels[indices, store.classes.index(name)] if name in store.classes else missing
             frames.append(pd.DataFrame({
+                "dataset": dataset,
                 "split": split,
                 "train_strategy": train_strategy,
                 "fold": fold,
                 "test_strategy": test_strategy,
                 "image_id": image_ids,
                 "class": name,
-                "label": labels[:, k],
+                "label": labels,
                 "probability": matrix[:, k],
             }))
     return pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
+def scorable_strategies(config: AuditConfig, store: Store) -> list[str]:
+    """The test strategies a store's images can be scored under: all of them, or ``full`` without masks."""
+    return list(config.eval_strategies) if store.rois else ["full"]
+
+
 def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
-                fold: int) -> pd.DataFrame:
-    """The job's model on the hold-out set (and its validation fold) under every test strategy."""
+                fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
+    """The job's model on the hold-out set (and its validation fold) under every test strategy,
+    and on every image of each external dataset (``externals``: name → (config with its ROI, store)).
+    """
     device = resolve_device(config.train.device)
     model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
                         in_channels=store.channels)
@@ -73,7 +88,15 @@ def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, 
     frames = []
     for split, indices in parts.items():
         probs = predict_images(model, store, indices, config.eval_strategies, config, device)
-        frames.append(long_table(probs, store, indices, split, strategy, fold))
+        frames.append(long_table(probs, store, indices, store.classes, MAIN, split, strategy, fold))
+    for name, (ext_config, ext_store) in (externals or {}).items():
+        if ext_store.channels != store.channels:
+            raise MaskauditError(f"external dataset {name!r} has {ext_store.channels}-channel images, "
+                                 f"the models were trained on {store.channels}")
+        indices = np.arange(ext_store.n)
+        probs = predict_images(model, ext_store, indices, scorable_strategies(ext_config, ext_store), ext_config,
+                               device)
+        frames.append(long_table(probs, ext_store, indices, store.classes, name, "external", strategy, fold))
     table = pd.concat(frames, ignore_index=True)
     table["label"] = table["label"].astype("float32")
     table["probability"] = table["probability"].astype("float32")

@@ -8,6 +8,7 @@ Every path inside a run directory comes from :class:`RunDir`; no other module bu
       config.yaml                    the resolved config, every default written out
       stages.json                    per stage: inputs' fingerprint, finish time, seconds
       prepared/                      the prepared store (manifest.parquet, images.npy, dist_<roi>.npy, store.json)
+      external/<name>/prepared/      the prepared store of each external dataset
       splits.json                    patient ids (and image ids) of the hold-out and of each fold
       jobs/<strategy>/fold_<k>/      model.pt, last.pt, history.csv, tb/, predictions.parquet, job.json
       predictions.parquet            the long table: every model x test strategy x image x class
@@ -87,6 +88,10 @@ class RunDir:
     @property
     def prepared(self) -> Path:
         return self.root / "prepared"
+
+    def external(self, name: str) -> Path:
+        """The prepared store of an external dataset."""
+        return self.root / "external" / name / "prepared"
 
     @property
     def splits(self) -> Path:

@@ -24,10 +24,12 @@ def class_auc(labels: np.ndarray, probs: np.ndarray) -> tuple[float, str]:
     probs = np.asarray(probs, dtype=float)
     if labels.shape != probs.shape:
         raise ValueError(f"{labels.shape[0]} labels but {probs.shape[0]} probabilities")
-    known = ~np.isnan(labels)
-    labels, probs = labels[known], probs[known]
     if labels.size == 0:
         return math.nan, "no images"
+    known = ~np.isnan(labels)
+    if not known.any():
+        return math.nan, "class not labelled in this data"
+    labels, probs = labels[known], probs[known]
     if not np.isfinite(probs).all():
         return math.nan, "non-finite probabilities"
     values = np.unique(labels)

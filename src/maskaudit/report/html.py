@@ -32,9 +32,14 @@ def _fmt(value: float) -> str:
 def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
     """Counts kept/rejected by reason, and per split: images, patients, positives per class."""
     store = audit.store()
-    manifest = store.manifest
-    reasons = (manifest.assign(reason=manifest["reason"].fillna("").replace("", "—"))
-               .groupby(["status", "reason"]).size().rename("rows").reset_index())
+    manifests = {"main": store.manifest}
+    for name, (_, ext_store) in (audit.external_stores().items() if audit.config.external else []):
+        manifests[name] = ext_store.manifest
+    reasons = pd.concat([
+        m.assign(dataset=name, reason=m["reason"].fillna("").replace("", "—"))
+        .groupby(["dataset", "status", "reason"]).size().rename("rows").reset_index()
+        for name, m in manifests.items()
+    ], ignore_index=True)
     tables = {"counts": reasons}
     if audit.run.splits.is_file():
         splits = audit.splits(store)
@@ -62,12 +67,14 @@ def write_report(audit: Audit) -> dict:
     for name in config.classes:
         entry = {"name": name, "heatmap": _png_data_uri(run.figures / f"auc_{name}.png"), "tables": {}}
         if matrix is not None:
-            from maskaudit.metrics import matrix_of
+            from maskaudit.metrics import MAIN, matrix_of
 
-            for split in ("test", "val"):
-                mean = matrix_of(matrix, name, split, config.strategies, config.eval_strategies)
+            panels = [(MAIN, "test", "hold-out test"), (MAIN, "val", "validation folds")]
+            panels += [(ext.name, "external", f"external: {ext.name}") for ext in config.external]
+            for dataset, split, caption in panels:
+                mean = matrix_of(matrix, name, split, config.strategies, config.eval_strategies, dataset=dataset)
                 if mean.notna().any().any():
-                    entry["tables"][split] = mean
+                    entry["tables"][caption] = mean
         classes.append(entry)
     stages = read_json(run.stages) if run.stages.is_file() else {}
     html = env.get_template("report.html").render(
