@@ -127,7 +127,102 @@ class FolderData(Strict):
         return self.labels_csv.resolve().parent
 
 
-DataConfig = Annotated[SyntheticData | FolderData, Field(discriminator="source")]
+def _existing(path: Path | None, what: str, kind: Literal["file", "dir"] = "file") -> Path | None:
+    """``path`` when it exists as a file (or folder); else a clear error naming the key."""
+    if path is None:
+        return None
+    if kind == "dir" and not path.is_dir():
+        raise ValueError(f"{what} folder not found: {path}")
+    if kind == "file" and not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    return path
+
+
+#: PadChest's classes in the study (SPEC §1); ``effusion`` also matches PadChest's ``pleural effusion``.
+STUDY_CXR_CLASSES = ["cardiomegaly", "pneumonia", "atelectasis", "pneumothorax", "effusion"]
+
+
+class PadChestData(Strict):
+    """PadChest images and labels with CheXmask lung and heart masks (SPEC §1)."""
+
+    source: Literal["padchest"]
+    root: Path = Field(description="the folder that holds PadChest's numbered image folders (<ImageDir>/<ImageID>)")
+    labels_csv: Path = Field(description="PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv")
+    chexmask_csv: Path = Field(description="CheXmask's Padchest.csv")
+    invalid_csv: Path | None = Field(None, description="the study's Invalid_images.csv (optional)")
+    classes: list[str] = Field(default_factory=lambda: list(STUDY_CXR_CLASSES), min_length=1)
+    projections: list[str] = Field(default_factory=lambda: ["PA", "AP", "AP_horizontal"], min_length=1)
+    exclude_words: list[str] = Field(
+        default_factory=lambda: ["suboptimal study", "exclude", "Unchanged"],
+        description="a row whose raw Labels text contains one of these (case-sensitive) is dropped",
+    )
+    drop_unchanged_lowercase: bool = Field(
+        False, description="also drop rows with 'unchanged' in lower case (the study kept them)"
+    )
+    min_dice_rca: float = Field(0.7, ge=0.0, le=1.0, description="keep masks with Dice RCA (Mean) above this")
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, path: Path) -> Path:
+        return _existing(path, "data.root (PadChest images)", "dir")
+
+    @field_validator("labels_csv", "chexmask_csv", "invalid_csv")
+    @classmethod
+    def _files_exist(cls, path: Path | None, info: Any) -> Path | None:
+        return _existing(path, f"data.{info.field_name}")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+
+class ChestXray14Data(Strict):
+    """NIH ChestX-ray14 images and labels with CheXmask lung and heart masks (SPEC §1)."""
+
+    source: Literal["chestxray14"]
+    root: Path = Field(description="the folder that holds the images (searched recursively by file name)")
+    labels_csv: Path = Field(description="Data_Entry_2017.csv")
+    chexmask_csv: Path = Field(description="CheXmask's ChestX-Ray8.csv")
+    classes: list[str] = Field(default_factory=lambda: list(STUDY_CXR_CLASSES), min_length=1)
+    min_dice_rca: float = Field(0.7, ge=0.0, le=1.0, description="keep masks with Dice RCA (Mean) above this")
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, path: Path) -> Path:
+        return _existing(path, "data.root (ChestX-ray14 images)", "dir")
+
+    @field_validator("labels_csv", "chexmask_csv")
+    @classmethod
+    def _files_exist(cls, path: Path, info: Any) -> Path:
+        return _existing(path, f"data.{info.field_name}")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+
+class ChaksuData(Strict):
+    """The Chákṣu fundus images (3 cameras, official Train/Test folders) with STAPLE disc/cup masks."""
+
+    source: Literal["chaksu"]
+    root: Path = Field(description="the folder that holds Chákṣu's Train/ and Test/ folders")
+    cameras: list[Literal["Bosch", "Forus", "Remidio"]] = Field(
+        default_factory=lambda: ["Bosch", "Forus", "Remidio"], min_length=1
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, path: Path) -> Path:
+        return _existing(path, "data.root (Chákṣu)", "dir")
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["glaucoma"]
+
+
+DataConfig = Annotated[
+    SyntheticData | FolderData | PadChestData | ChestXray14Data | ChaksuData, Field(discriminator="source")
+]
 
 
 # --------------------------------------------------------------------------------------- model/train
@@ -191,6 +286,14 @@ class ReportConfig(Strict):
 # --------------------------------------------------------------------------------------------- root
 
 
+class ExternalDataset(Strict):
+    """Another dataset every trained model is scored on (SPEC §5, external test)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names its rows in the prediction table")
+    data: DataConfig
+    roi: str | None = Field(None, description="the ROI to mask; default the run's roi, else its first ROI")
+
+
 class AuditConfig(Strict):
     data: DataConfig
     image_size: int = Field(512, ge=16)
@@ -208,12 +311,21 @@ class AuditConfig(Strict):
     report: ReportConfig = ReportConfig()
     workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
     executor: Literal["local", "ray"] = "local"
+    external: list[ExternalDataset] = Field(default_factory=list)
 
     @field_validator("strategies", "test_strategies")
     @classmethod
     def _unique(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and len(set(value)) != len(value):
             raise ValueError(f"strategies repeat a name: {value}")
+        return value
+
+    @field_validator("external")
+    @classmethod
+    def _external_names(cls, value: list[ExternalDataset]) -> list[ExternalDataset]:
+        names = [e.name for e in value]
+        if len(set(names)) != len(names) or "main" in names:
+            raise ValueError(f"external dataset names must be distinct and not 'main': {names}")
         return value
 
     @property
@@ -245,10 +357,18 @@ def _error_line(exc: ValidationError, origin: str) -> str:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("labels_csv"), str):
-        csv = Path(data["labels_csv"]).expanduser()
-        data["labels_csv"] = str(csv if csv.is_absolute() else (base / csv))
+    datas = [raw.get("data")]
+    if isinstance(raw.get("external"), list):
+        datas += [ext.get("data") for ext in raw["external"] if isinstance(ext, dict)]
+    for data in datas:
+        if not isinstance(data, dict):
+            continue
+        for key in ("labels_csv", "root", "chexmask_csv", "invalid_csv"):
+            if key == "root" and data.get("source") in ("synthetic", "folder"):
+                continue
+            if isinstance(data.get(key), str):
+                path = Path(data[key]).expanduser()
+                data[key] = str(path if path.is_absolute() else (base / path))
     model = raw.get("model")
     if isinstance(model, dict) and model.get("weights") not in (None, "imagenet", "none"):
         weights = Path(str(model["weights"])).expanduser()

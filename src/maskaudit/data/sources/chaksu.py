@@ -1,0 +1,242 @@
+"""Chákṣu: the study's fundus data, three cameras, official Train/Test split (SPEC §1, §3).
+
+Chákṣu: J. R. H. Kumar et al., "Chákṣu: A glaucoma specific fundus image database", Scientific
+Data 10, 70 (2023); download: https://doi.org/10.6084/m9.figshare.20123135.
+
+Layout read (folder names matched case-insensitively)::
+
+    <root>/Train|Test/1.0_Original_Fundus_Images/<camera>/<image>.jpg|.png|.JPG
+    <root>/Train|Test/4.0_OD_CO_Fusion_Images/**/<camera>/**/STAPLE/<mask>   (or <camera>/STAPLE)
+    <root>/Train|Test/6.0_Glaucoma_Decision/**/*<camera>*majority*.csv       ("majority" anywhere in the path)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from maskaudit.config import ChaksuData
+from maskaudit.data.imaging import read_image
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.data.sources.padchest import blank
+from maskaudit.errors import MaskauditError
+
+SPLITS = {"train": None, "test": "test"}
+IMAGES, MASKS, DECISIONS = "1.0_Original_Fundus_Images", "4.0_OD_CO_Fusion_Images", "6.0_Glaucoma_Decision"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+_WITH_EXTENSION = re.compile(r"^(.*?)\.(jpe?g|png|tiff?|bmp)(?:$|[-_ .])", re.IGNORECASE)
+_BOSCH_PATIENT = re.compile(r"^(P\d+)_", re.IGNORECASE)
+
+
+class ChaksuKey(NamedTuple):
+    image: str
+    mask: str
+
+
+def name_key(name: str) -> str:
+    """The matching key of an image, mask or CSV entry: the file name before its image extension, lower-cased.
+
+    ``"Image101.jpg"``, ``"image101.JPG-Image101-1.tif"`` (a decision-CSV entry naming image and
+    annotation) and ``"Image101.png"`` all give ``"image101"``.
+    """
+    base = str(name).strip().replace("\\", "/").rsplit("/", 1)[-1]
+    match = _WITH_EXTENSION.match(base)
+    return (match.group(1) if match else Path(base).stem).lower()
+
+
+def patient_of(camera: str, stem: str) -> str:
+    """Bosch names ``PXX_…`` → ``PXX``, else the file stem; prefixed by the camera (SPEC §1)."""
+    match = _BOSCH_PATIENT.match(stem) if camera.lower() == "bosch" else None
+    return f"{camera}/{match.group(1).upper() if match else stem}"
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """The child of ``folder`` named ``name``, ignoring case."""
+    if not folder.is_dir():
+        return None
+    return next((p for p in sorted(folder.iterdir()) if p.name.lower() == name.lower()), None)
+
+
+class ChaksuSource(Source):
+    """Chákṣu fundus photographs with STAPLE-fused optic ``disc`` and ``cup`` masks.
+
+    Cite Kumar et al. 2023 (Scientific Data); download from figshare (doi 10.6084/m9.figshare.20123135).
+
+    Labels: the camera's majority decision CSV (column with ``majority`` in its name, else the
+    last column; image names from the first column with ``image`` in its name):
+    ``GLAUCOMA SUSPECT`` = 1, ``NORMAL`` = 0. Images of the ``Test`` folder get
+    ``split = "test"`` (the official hold-out set). Metadata: ``camera``. Matching of image,
+    mask and CSV entry is by :func:`name_key`. A fusion mask is read as gray: ``disc`` = every
+    pixel at or above 1/4 of the maximum, ``cup`` = the brightest level (pixels at or above 3/4 of the maximum).
+
+    An image is dropped for: no decision row, an unknown decision, an image listed twice in
+    the decision CSV, no STAPLE mask; a decision row whose image file is missing is dropped too.
+    """
+
+    name = "chaksu"
+    rois = ("disc", "cup")
+    channels = 3
+    #: the only place Chákṣu's decision spelling is known
+    decisions = {"GLAUCOMA SUSPECT": 1, "NORMAL": 0}
+
+    def __init__(self, config: ChaksuData) -> None:
+        self.config = config
+        self.root = Path(config.root).resolve()
+        found = [s for s in ("Train", "Test") if _child(self.root, s) is not None]
+        if not found:
+            raise MaskauditError(f"{self.root}: no Train/ or Test/ folder (expected Chákṣu's published layout)")
+
+    @property
+    def classes(self) -> list[str]:
+        return ["glaucoma"]
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return ["camera"]
+
+    def __repr__(self) -> str:
+        return f"ChaksuSource({self.root}, cameras={self.config.cameras})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config.model_dump(mode="json")}
+
+    # ---------------------------------------------------------------------------------- finding
+
+    def _masks(self, split_dir: Path, camera: str) -> dict[str, Path]:
+        folder = _child(split_dir, MASKS)
+        found: dict[str, Path] = {}
+        if folder is None:
+            return found
+        for path in sorted(folder.rglob("*")):
+            parts = [p.lower() for p in path.relative_to(folder).parts[:-1]]
+            if path.is_file() and "staple" in parts and camera.lower() in parts:
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    found.setdefault(name_key(path.name), path)
+        return found
+
+    def _decisions(self, split_dir: Path, camera: str) -> tuple[Path | None, list[tuple[int, str, str]]]:
+        """The camera's majority CSV and its rows as (row number, image name, decision)."""
+        folder = _child(split_dir, DECISIONS)
+        if folder is None:
+            return None, []
+        candidates = [
+            p for p in sorted(folder.rglob("*.csv"))
+            if "majority" in str(p.relative_to(folder)).lower() and camera.lower() in str(p.relative_to(folder)).lower()
+        ]  # fmt: skip
+        if not candidates:
+            return None, []
+        path = candidates[0]
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise MaskauditError(f"{path}: cannot read the glaucoma decision CSV ({exc})") from None
+        columns = [str(c) for c in frame.columns]
+        image_col = next((c for c in columns if "image" in c.lower()), columns[0] if columns else None)
+        decision_col = next((c for c in columns if "majority" in c.lower()), columns[-1] if columns else None)
+        if image_col is None or decision_col is None or image_col == decision_col:
+            raise MaskauditError(f"{path}: expected an image-name column and a decision column, got {columns}")
+        rows = [(i + 2, str(r[image_col]), str(r[decision_col])) for i, r in enumerate(frame.to_dict("records"))]
+        return path, rows
+
+    # ---------------------------------------------------------------------------------- records
+
+    def records(self) -> Iterator[Record | Rejected]:
+        for split_name in ("Train", "Test"):
+            split_dir = _child(self.root, split_name)
+            if split_dir is None:
+                continue
+            split = SPLITS[split_name.lower()]
+            for camera in self.config.cameras:
+                yield from self._camera_records(split_dir, split_name, split, camera)
+
+    def _camera_records(
+        self, split_dir: Path, split_name: str, split: str | None, camera: str
+    ) -> Iterator[Record | Rejected]:
+        image_folder = _child(_child(split_dir, IMAGES) or split_dir / IMAGES, camera)
+        images: dict[str, Path] = {}
+        if image_folder is not None:
+            for path in sorted(image_folder.rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    images.setdefault(name_key(path.name), path)
+        masks = self._masks(split_dir, camera)
+        csv_path, rows = self._decisions(split_dir, camera)
+        csv_name = csv_path.name if csv_path else f"{camera} majority CSV"
+        decided: dict[str, tuple[int, str]] = {}
+        for line, entry, decision in rows:
+            key = name_key(entry)
+            image_id = f"{split_name}/{camera}/{key}"
+            if blank(entry):
+                yield Rejected(image_id="", reason=f"missing image name ({csv_name} row {line})", row=line)
+            elif key in decided:
+                yield Rejected(
+                    image_id=image_id,
+                    reason=f"duplicate image id: {entry!r} (first on row {decided[key][0]}) ({csv_name} row {line})",
+                    row=line,
+                )
+            else:
+                decided[key] = (line, decision)
+                if key not in images:
+                    yield Rejected(
+                        image_id=image_id,
+                        reason=f"image file not found: {entry!r} in {split_name}/{IMAGES}/{camera} "
+                        f"({csv_name} row {line})",
+                        row=line,
+                    )
+        for key, path in images.items():
+            stem = path.stem
+            image_id = f"{split_name}/{camera}/{key}"
+            source_path = str(path.relative_to(self.root))
+            where = f"({source_path})"
+            if key not in decided:
+                yield Rejected(image_id, f"no glaucoma decision: not in {csv_name} {where}", source_path)
+                continue
+            line, decision = decided[key]
+            label = self.decisions.get(" ".join(decision.upper().split()))
+            if label is None:
+                yield Rejected(image_id, f"unknown decision: {decision!r} ({csv_name} row {line})", source_path, line)
+                continue
+            mask = masks.get(key)
+            if mask is None:
+                yield Rejected(image_id, f"no STAPLE mask: {MASKS}/…/{camera}/STAPLE {where}", source_path, line)
+                continue
+            yield Record(
+                image_id=image_id,
+                patient_id=patient_of(camera, stem),
+                labels={"glaucoma": label},
+                metadata={"camera": camera},
+                source_path=source_path,
+                split=split,
+                key=ChaksuKey(image=str(path), mask=str(mask)),
+                row=line,
+            )
+
+    # --------------------------------------------------------------------------------------- load
+
+    def load(self, record: Record) -> Loaded:
+        """The RGB image, and ``disc`` / ``cup`` from the STAPLE fusion mask.
+
+        Raises
+        ------
+        MaskauditError
+            For an unreadable file, or a mask whose size differs from the image's.
+        """
+        key: ChaksuKey = record.key
+        image = read_image(Path(key.image), "rgb")
+        gray = read_image(Path(key.mask), "gray")
+        if gray.shape != image.shape[:2]:
+            raise MaskauditError(
+                f"mask size mismatch: {key.mask} is {gray.shape[1]}x{gray.shape[0]} but image {key.image} "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
+        peak = int(gray.max())
+        disc = gray >= max(1, int(np.ceil(0.25 * peak)))  # every level drawn, not JPEG noise near black
+        cup = gray >= max(1, int(np.ceil(0.75 * peak))) if peak > 0 else np.zeros_like(disc)
+        if np.array_equal(cup, disc):
+            cup = np.zeros_like(disc)  # one level only: no cup drawn
+        return Loaded(image=image, rois={"disc": disc, "cup": cup})
+

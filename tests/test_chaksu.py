@@ -1,0 +1,94 @@
+"""Chákṣu: the published Train/Test folder tree, built from the real fundus images in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from maskaudit.config import config_from_dict
+from maskaudit.data.imaging import read_image, read_mask
+from maskaudit.data.sources import make_source
+from maskaudit.data.sources.base import Record, Rejected
+from maskaudit.data.sources.chaksu import ChaksuSource, name_key, patient_of
+from maskaudit.data.store import prepare_store
+from maskaudit.errors import MaskauditError
+
+# camera -> (image name pattern, image extension)
+CAMERAS = {"Bosch": ("P{p}_{i}", ".JPG"), "Forus": ("{n}", ".png"), "Remidio": ("IMG_{n}", ".JPG")}
+
+
+def build(fundus_dir: Path, root: Path) -> dict:
+    table = pd.read_csv(fundus_dir / "labels.csv")
+    k = 0
+    for split in ("Train", "Test"):
+        for camera, (pattern, ext) in CAMERAS.items():
+            rows = []
+            for j in range(3):
+                src = table.iloc[k % len(table)]
+                k += 1
+                stem = pattern.format(p=j // 2 + (10 if split == "Test" else 1), i=j, n=100 + k)
+                image_dir = root / split / "1.0_Original_Fundus_Images" / camera
+                image_dir.mkdir(parents=True, exist_ok=True)
+                rgb = read_image(fundus_dir / src["image"], "rgb")
+                Image.fromarray(rgb).save(image_dir / f"{stem}{ext}", format="PNG" if ext == ".png" else "JPEG")
+                disc, cup = read_mask(fundus_dir / src["mask"]), read_mask(fundus_dir / src["mask_cup"])
+                fused = np.where(cup, 255, np.where(disc, 128, 0)).astype(np.uint8)
+                mask_dir = root / split / "4.0_OD_CO_Fusion_Images" / camera / "STAPLE"
+                mask_dir.mkdir(parents=True, exist_ok=True)
+                if not (split == "Train" and camera == "Forus" and j == 2):  # one image without a mask
+                    Image.fromarray(fused).save(mask_dir / f"{stem}.png")
+                decision = "GLAUCOMA SUSPECT" if src["glaucoma"] == 1 else "NORMAL"
+                rows.append({"Images": f"{stem}{ext}-{stem}-1.tif", "Expert 1": decision,
+                             "Majority Decision": decision})  # fmt: skip
+            if split == "Test" and camera == "Remidio":
+                rows.append({"Images": "IMG_999.JPG", "Expert 1": "NORMAL", "Majority Decision": "NORMAL"})
+                rows[0]["Majority Decision"] = "MAYBE"
+            decisions = root / split / "6.0_Glaucoma_Decision"
+            decisions.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(decisions / f"Glaucoma_Decision_Comparison_{camera}_majority.csv", index=False)
+    return {"root": root}
+
+
+def test_naming_rules():
+    assert name_key("Image101.JPG-Image101-1.tif") == "image101" and name_key("a/b/1.png") == "1"
+    assert patient_of("Bosch", "P10_2") == "Bosch/P10" and patient_of("Remidio", "IMG_2431") == "Remidio/IMG_2431"
+    assert patient_of("Forus", "P10_2") == "Forus/P10_2"
+
+
+def test_chaksu(fundus_dir: Path, tmp_path: Path):
+    build(fundus_dir, tmp_path / "chaksu")
+    config = config_from_dict({"data": {"source": "chaksu", "root": str(tmp_path / "chaksu")}})
+    source = make_source(config)
+    assert isinstance(source, ChaksuSource) and source.rois == ("disc", "cup") and source.channels == 3
+    items = list(source.records())
+    kept = [r for r in items if isinstance(r, Record)]
+    rejected = {r.image_id: r.reason for r in items if isinstance(r, Rejected)}
+    assert len(kept) == 16
+    assert rejected["Train/Forus/106"].startswith("no STAPLE mask")
+    assert rejected["Test/Remidio/img_999"].startswith("image file not found")
+    assert rejected["Test/Remidio/img_116"].startswith("unknown decision")
+    assert {r.split for r in kept if r.image_id.startswith("Test/")} == {"test"}
+    assert {r.split for r in kept if r.image_id.startswith("Train/")} == {None}
+    bosch = [r for r in kept if r.metadata == {"camera": "Bosch"}]
+    train_patients = sorted(r.patient_id for r in bosch if r.image_id.startswith("Train/"))
+    assert train_patients == ["Bosch/P1", "Bosch/P1", "Bosch/P2"]
+    store = prepare_store(source, tmp_path / "prepared", 32, workers=1, progress=False)
+    assert store.n == 16 and store.channels == 3 and store.rois == ["disc", "cup"]
+    labels = pd.read_csv(fundus_dir / "labels.csv")
+    assert store.labels.sum() == sum(labels["glaucoma"].iloc[[0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17]])
+    record = kept[0]
+    loaded = source.load(record)
+    assert loaded.image.shape[2] == 3 and loaded.rois["cup"].sum() < loaded.rois["disc"].sum()
+    assert not (loaded.rois["cup"] & ~loaded.rois["disc"]).any()
+
+
+def test_missing_root(tmp_path: Path):
+    with pytest.raises(MaskauditError, match="root.*folder not found"):
+        config_from_dict({"data": {"source": "chaksu", "root": str(tmp_path / "none")}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MaskauditError, match="no Train/ or Test/"):
+        make_source(config_from_dict({"data": {"source": "chaksu", "root": str(tmp_path / "empty")}}))
