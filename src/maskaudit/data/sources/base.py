@@ -7,11 +7,24 @@ dataset, as in torchxrayvision); the prepared store treats all sources alike.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from maskaudit.errors import MaskauditError
+
+
+def require_columns(path: Any, found: Iterable[Any], needed: Iterable[str], kind: str = "") -> None:
+    """Raise one error naming every needed column the file lacks, and the columns it has."""
+    found = [str(c) for c in found]
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise MaskauditError(
+            f"{path}: missing {kind + ' ' if kind else ''}column(s) {', '.join(map(repr, missing))}; "
+            f"the file has {', '.join(map(repr, found))}"
+        )
 
 
 @dataclass(frozen=True)

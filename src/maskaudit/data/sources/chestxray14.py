@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from maskaudit.config import ChestXray14Data
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
 from maskaudit.data.sources.chexmask import ChexmaskTable, file_stamp
 from maskaudit.data.sources.padchest import ChexmaskKey, blank, load_chexmask
 from maskaudit.errors import MaskauditError
@@ -58,12 +58,7 @@ class ChestXray14Source(Source):
             header = pd.read_csv(self.labels_csv, nrows=0)
         except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise MaskauditError(f"{self.labels_csv}: cannot read the ChestX-ray14 CSV ({exc})") from None
-        missing = [c for c in COLUMNS if c not in header.columns]
-        if missing:
-            raise MaskauditError(
-                f"{self.labels_csv}: missing column(s) {', '.join(map(repr, missing))}; "
-                f"the file has {', '.join(map(repr, map(str, header.columns)))}"
-            )
+        require_columns(self.labels_csv, header.columns, COLUMNS)
         self.chexmask = ChexmaskTable(Path(config.chexmask_csv), id_column=ID)
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from maskaudit.data.rle import decode_rle
+from maskaudit.data.sources.base import require_columns
 from maskaudit.errors import MaskauditError
 
 DICE = "Dice RCA (Mean)"
@@ -59,12 +60,7 @@ class ChexmaskTable:
                 self.header = next(csv.reader(io.StringIO(handle.readline())), [])
         except (OSError, UnicodeDecodeError) as exc:
             raise MaskauditError(f"{self.path}: cannot read the CheXmask CSV ({exc})") from None
-        missing = [c for c in needed if c not in self.header]
-        if missing:
-            raise MaskauditError(
-                f"{self.path}: missing CheXmask column(s) {', '.join(map(repr, missing))}; "
-                f"the file has {', '.join(map(repr, self.header))}"
-            )
+        require_columns(self.path, self.header, needed, kind="CheXmask")
         self.columns = {name: self.header.index(name) for name in needed}
         try:
             small = pd.read_csv(self.path, usecols=[id_column, DICE, HEIGHT, WIDTH], dtype={id_column: str})

@@ -18,7 +18,7 @@ import pandas as pd
 
 from maskaudit.config import FolderData
 from maskaudit.data.imaging import read_image, read_mask
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
 from maskaudit.errors import MaskauditError
 
 #: The ROI name given to ``mask_column``.
@@ -102,12 +102,7 @@ class FolderSource(Source):
             self._mask_columns[roi] = column
         self.rois = tuple(self._mask_columns)
         header = self._read(nrows=0)
-        missing = [column for column in self._used_columns() if column not in header.columns]
-        if missing:
-            raise MaskauditError(
-                f"{self.csv}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                f"the CSV has {', '.join(repr(str(c)) for c in header.columns)}"
-            )
+        require_columns(self.csv, header.columns, self._used_columns())
         self._csv_sha = hashlib.sha256(self.csv.read_bytes()).hexdigest()[:16]
 
     # ----------------------------------------------------------------------------------- metadata

@@ -19,7 +19,7 @@ import pandas as pd
 
 from maskaudit.config import PadChestData
 from maskaudit.data.imaging import read_image
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
 from maskaudit.data.sources.chexmask import ChexmaskTable, MaskRow, check_size, file_stamp
 from maskaudit.errors import MaskauditError
 
@@ -90,12 +90,7 @@ class PadChestSource(Source):
                 f"{', '.join(map(repr, aliased))} (PadChest's spelling is mapped to the study's)"
             )
         header = self._read(nrows=0)
-        missing = [c for c in COLUMNS if c not in header.columns]
-        if missing:
-            raise MaskauditError(
-                f"{self.labels_csv}: missing column(s) {', '.join(map(repr, missing))}; "
-                f"the file has {', '.join(map(repr, map(str, header.columns)))}"
-            )
+        require_columns(self.labels_csv, header.columns, COLUMNS)
         self.chexmask = ChexmaskTable(Path(config.chexmask_csv), id_column="ImageID")
         self.invalid = self._read_invalid(config.invalid_csv) if config.invalid_csv else set()
 
