@@ -241,3 +241,12 @@ def test_external_data_without_masks_is_scored_full_only(tmp_path: Path, cxr_dir
     assert set(ext["test_strategy"]) == {"full"} and ext["image_id"].nunique() == 182
     matrix = pd.read_csv(out / "metrics" / "auc_matrix.csv")
     assert matrix.loc[matrix["dataset"] == "unmasked", "auc_mean"].notna().all()
+
+
+def test_data_without_masks_refuses_masking_strategies_early(tmp_path: Path, cxr_dir: Path):
+    data = {"source": "folder", "labels_csv": str(cxr_dir / "labels.csv"), "mask_column": None,
+            "id_column": "image_id", "classes": ["covid"]}
+    cfg = _write(tmp_path, {**TINY, "data": data, "image_size": 32})
+    result = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "no ROI masks" in result.output
+    assert not (tmp_path / "r" / "jobs").exists()

@@ -201,6 +201,10 @@ class Audit:
             store = self.store()
             if store.n == 0:
                 raise MaskauditError(f"no image was kept in {self.run.prepared}; see manifest.parquet for reasons")
+            masked = sorted((set(self.config.strategies) | set(self.config.eval_strategies)) - {"full"})
+            if not store.rois and masked:
+                raise MaskauditError(f"this data has no ROI masks, so strategies {', '.join(masked)} cannot be "
+                                     "applied; set `data.mask_column` or use `strategies: [full]`")
             splits = make_splits(store.kept, store.classes, self.config.test_fraction, self.config.folds,
                                  self.config.seed)
             save_splits(self.run.splits, splits, store.kept)

@@ -74,8 +74,9 @@ def scorable_strategies(config: AuditConfig, store: Store) -> list[str]:
 
 def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
                 fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
-    """The job's model on the hold-out set (and its validation fold) under every test strategy,
-    and on every image of each external dataset (``externals``: name → (config with its ROI, store)).
+    """The job's model on the hold-out set, its validation fold and every external image.
+
+    ``externals`` maps each external dataset's name to its config (with its ROI) and store.
     """
     device = resolve_device(config.train.device)
     model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
