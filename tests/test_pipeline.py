@@ -250,3 +250,6 @@ def test_data_without_masks_refuses_masking_strategies_early(tmp_path: Path, cxr
     result = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "no ROI masks" in result.output
     assert not (tmp_path / "r" / "jobs").exists()
+    full_only = _write(tmp_path, {**TINY, "data": data, "image_size": 32, "strategies": ["full"]}, "full.yaml")
+    _cli("run", str(full_only), "--out", str(tmp_path / "r"))
+    assert set(pd.read_parquet(tmp_path / "r" / "predictions.parquet")["test_strategy"]) == {"full"}
