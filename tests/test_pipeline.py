@@ -253,3 +253,19 @@ def test_data_without_masks_refuses_masking_strategies_early(tmp_path: Path, cxr
     full_only = _write(tmp_path, {**TINY, "data": data, "image_size": 32, "strategies": ["full"]}, "full.yaml")
     _cli("run", str(full_only), "--out", str(tmp_path / "r"))
     assert set(pd.read_parquet(tmp_path / "r" / "predictions.parquet")["test_strategy"]) == {"full"}
+
+
+def test_an_edited_labels_csv_prepares_again(tmp_path: Path, fundus_dir: Path):
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(fundus_dir, data_dir)  # a private, writable copy (tmp only, never in the repo)
+    config = {**TINY, "data": {"source": "folder", "labels_csv": str(data_dir / "labels.csv"),
+                               "id_column": "image_id", "classes": ["glaucoma"], "color": "rgb"},
+              "strategies": ["full"], "folds": 2, "image_size": 32}
+    cfg, out = _write(tmp_path, config), tmp_path / "run"
+    _cli("prepare", "--config", str(cfg), "--out", str(out))
+    labels = pd.read_csv(data_dir / "labels.csv")
+    labels.iloc[:10].to_csv(data_dir / "labels.csv", index=False)
+    _cli("prepare", "--out", str(out))
+    assert len(pd.read_parquet(out / "prepared" / "manifest.parquet")) == 10

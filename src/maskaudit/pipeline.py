@@ -39,14 +39,6 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 class Audit:
     """One run directory and its config; each stage is a method."""
 
@@ -79,10 +71,19 @@ class Audit:
 
     @staticmethod
     def _source_fingerprint(config: AuditConfig) -> str:
+        """The seed for synthetic data; else size and modification time of every input table the config names.
+
+        Size and time, not content: CheXmask's tables are gigabytes, and a run is restarted often.
+        """
         data = config.data
-        if data.source == "folder":
-            return _file_digest(data.labels_csv)
-        return str(config.seed)
+        if data.source == "synthetic":
+            return str(config.seed)
+        files = {}
+        for key, value in data:
+            if isinstance(value, Path) and value.is_file():
+                stat = value.stat()
+                files[key] = (stat.st_size, stat.st_mtime_ns)
+        return _hash(files)
 
     @staticmethod
     def _union_keys(roi: str | None) -> list[str]:

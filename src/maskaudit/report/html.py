@@ -32,14 +32,13 @@ def _fmt(value: float) -> str:
 def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
     """Counts kept/rejected by reason, and per split: images, patients, positives per class."""
     store = audit.store()
-    manifests = {"main": store.manifest}
+    stores = {"main": store}
     for name, (_, ext_store) in (audit.external_stores().items() if audit.config.external else []):
-        manifests[name] = ext_store.manifest
-    reasons = pd.concat([
-        m.assign(dataset=name, reason=m["reason"].fillna("").replace("", "—"))
-        .groupby(["dataset", "status", "reason"]).size().rename("rows").reset_index()
-        for name, m in manifests.items()
+        stores[name] = ext_store
+    reasons = pd.concat([  # one line per kind of reason; every row with its own reason is in manifest.parquet
+        s.counts().rename(columns={"count": "rows"}).assign(dataset=name) for name, s in stores.items()
     ], ignore_index=True)
+    reasons["reason"] = reasons["reason"].replace("", "—")
     tables = {"counts": reasons}
     if audit.run.splits.is_file():
         splits = audit.splits(store)
