@@ -6,7 +6,6 @@ Unknown keys, wrong types and missing files are errors that name the key or the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -335,12 +334,6 @@ class AuditConfig(Strict):
     @property
     def classes(self) -> list[str]:
         return self.data.class_names
-
-    def section_hash(self, *keys: str) -> str:
-        """A fingerprint of the named top-level sections, for stage skipping."""
-        dump = self.model_dump(mode="json")
-        chosen = {key: dump[key] for key in keys}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _error_line(exc: ValidationError, origin: str) -> str:
