@@ -1,9 +1,13 @@
 """AUC tables from the prediction table (SPEC §5): per fold, and the fold mean per class.
 
 ``auc_by_fold``: one row per (dataset, split, train strategy, test strategy, class, fold) with the
-AUC, the counts of positives and negatives, and the reason when the AUC is undefined.
+AUC, its DeLong CI, the counts of positives and negatives, and the reason when the AUC is undefined.
 ``auc_matrix``: the mean (and standard deviation) over the folds that have an AUC — the
-study's 5x5 matrix per class, rows training strategy, columns test strategy.
+study's 5x5 matrix per class, rows training strategy, columns test strategy — with the DeLong CI
+of the mean (the folds' models score the same hold-out images: their AUCs are correlated, and
+the CI says so; see :func:`maskaudit.stats.mean_auc_ci`).
+``delong_table``: DeLong's paired test of every cell against ``full→full`` of the same fold, on
+the same images.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from maskaudit.stats import class_auc
+from maskaudit.stats import auc_ci, mean_auc_ci, mean_difference_test, paired_test
 
 KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
 
@@ -19,35 +23,68 @@ KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
 MAIN = "main"
 
 
-def auc_by_fold(predictions: pd.DataFrame) -> pd.DataFrame:
+def _sets(group: pd.DataFrame) -> list[pd.DataFrame]:
+    return [g[["image_id", "label", "probability"]] for _, g in group.groupby("fold", sort=True)]
+
+
+def auc_by_fold(predictions: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     rows = []
     for key, group in predictions.groupby([*KEYS, "fold"], sort=False):
-        labels = group["label"].to_numpy(dtype=float)
-        auc, reason = class_auc(labels, group["probability"].to_numpy(dtype=float))
-        rows.append({
-            **dict(zip([*KEYS, "fold"], key, strict=True)),
-            "auc": auc,
-            "n_pos": int(np.nansum(labels == 1)),
-            "n_neg": int(np.nansum(labels == 0)),
-            "reason": reason,
-        })
-    return pd.DataFrame(rows, columns=[*KEYS, "fold", "auc", "n_pos", "n_neg", "reason"])
+        est = auc_ci(group["label"].to_numpy(dtype=float), group["probability"].to_numpy(dtype=float), level)
+        rows.append({**dict(zip([*KEYS, "fold"], key, strict=True)), "auc": est.auc, "ci_low": est.ci_low,
+                     "ci_high": est.ci_high, "n_pos": est.n_pos, "n_neg": est.n_neg, "reason": est.reason})
+    return pd.DataFrame(rows, columns=[*KEYS, "fold", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "reason"])
 
 
-def auc_matrix(by_fold: pd.DataFrame) -> pd.DataFrame:
+def auc_matrix(predictions: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Fold mean and std of the AUC per (dataset, split, train, test, class), with the DeLong CI of the mean."""
     rows = []
-    for key, group in by_fold.groupby(KEYS, sort=False):
-        defined = group["auc"].dropna()
-        reasons = sorted(set(group.loc[group["auc"].isna(), "reason"]))
+    for key, group in predictions.groupby(KEYS, sort=False):
+        sets = _sets(group)
+        est = mean_auc_ci(sets, level)
+        aucs = [auc_ci(s["label"].to_numpy(float), s["probability"].to_numpy(float)).auc for s in sets]
+        defined = [a for a in aucs if not np.isnan(a)]
         rows.append({
             **dict(zip(KEYS, key, strict=True)),
-            "auc_mean": float(defined.mean()) if len(defined) else np.nan,
-            "auc_std": float(defined.std(ddof=1)) if len(defined) > 1 else np.nan,
-            "n_folds": int(len(defined)),
-            "n_folds_missing": int(len(group) - len(defined)),
-            "reason": "; ".join(reasons),
+            "auc_mean": est.auc,
+            "auc_std": float(np.std(defined, ddof=1)) if len(defined) > 1 else np.nan,
+            "ci_low": est.ci_low,
+            "ci_high": est.ci_high,
+            "n_folds": est.n_sets,
+            "n_folds_missing": est.n_sets_missing,
+            "reason": est.missing_reason or est.reason,
         })
-    return pd.DataFrame(rows, columns=[*KEYS, "auc_mean", "auc_std", "n_folds", "n_folds_missing", "reason"])
+    return pd.DataFrame(rows, columns=[*KEYS, "auc_mean", "auc_std", "ci_low", "ci_high", "n_folds",
+                                       "n_folds_missing", "reason"])
+
+
+def delong_table(predictions: pd.DataFrame, reference: tuple[str, str] = ("full", "full")) -> pd.DataFrame:
+    """DeLong's paired test of each (train, test) cell against ``reference`` on the same images.
+
+    One row per fold (the two models of that fold) and, where the folds' models score the same images
+    (hold-out, external), one row with ``fold`` = ``mean``: the difference of the two fold means, tested
+    with the joint covariance of all the models (:func:`maskaudit.stats.mean_difference_test`).
+    """
+    columns = [*KEYS, "fold", "reference", "auc", "auc_reference", "difference", "z", "p_value", "n_images",
+               "reason"]
+    ref = predictions[(predictions["train_strategy"] == reference[0]) & (predictions["test_strategy"] == reference[1])]
+    refs = {key: {int(k): f[["image_id", "label", "probability"]] for k, f in g.groupby("fold", sort=True)}
+            for key, g in ref.groupby(["dataset", "split", "class"], sort=False)}
+    rows = []
+    for key, group in predictions.groupby(KEYS, sort=False):
+        dataset, split, train, test, name = key
+        if (train, test) == reference or (dataset, split, name) not in refs:
+            continue
+        ref_sets = refs[dataset, split, name]
+        sets = {int(k): f[["image_id", "label", "probability"]] for k, f in group.groupby("fold", sort=True)}
+        results = {str(k): paired_test(sets[k], ref_sets[k]) for k in sets if k in ref_sets}
+        if split != "val":
+            results["mean"] = mean_difference_test(list(sets.values()), list(ref_sets.values()))
+        for fold, r in results.items():
+            rows.append({**dict(zip(KEYS, key, strict=True)), "fold": fold, "reference": "→".join(reference),
+                         "auc": r.auc_a, "auc_reference": r.auc_b, "difference": r.difference, "z": r.z,
+                         "p_value": r.p_value, "n_images": r.n_images, "reason": r.reason})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def matrix_of(table: pd.DataFrame, class_name: str, split: str, strategies: list[str],
@@ -57,3 +94,13 @@ def matrix_of(table: pd.DataFrame, class_name: str, split: str, strategies: list
     grid = part.pivot(index="train_strategy", columns="test_strategy", values=value)
     scored = set(table.loc[table["dataset"] == dataset, "test_strategy"])  # without masks: `full` alone
     return grid.reindex(index=strategies, columns=[s for s in test_strategies if s in scored])
+
+
+def prediction_sets(predictions: pd.DataFrame, class_name: str, train_strategy: str, test_strategy: str,
+                    split: str = "test", dataset: str = MAIN) -> dict[int, pd.DataFrame]:
+    """Per fold, one model's predictions of one class: frames of ``image_id``, ``label``, ``probability``."""
+    part = predictions[(predictions["class"] == class_name) & (predictions["train_strategy"] == train_strategy)
+                       & (predictions["test_strategy"] == test_strategy) & (predictions["split"] == split)
+                       & (predictions["dataset"] == dataset)]
+    return {int(fold): group[["image_id", "label", "probability"]].reset_index(drop=True)
+            for fold, group in part.groupby("fold", sort=True)}
