@@ -32,6 +32,7 @@ TINY = {
     "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
     "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "patience": 2},
     "workers": 1,
+    "analyses": {"run": []},  # the analyses have tests of their own (test_analyses.py)
 }
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.logging import RichHandler
 
-from maskaudit.config import config_from_dict, load_config
+from maskaudit.config import ANALYSES, config_from_dict, load_config
 from maskaudit.errors import MaskauditError
 from maskaudit.pipeline import Audit
 
@@ -155,6 +155,21 @@ def predict(out: Out, config: OptionalConfig = None, force: Force = False) -> No
 def metrics(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """AUC per fold and fold-mean matrices per class, with heatmaps."""
     _audit(out, config).metrics(force)
+
+
+@app.command()
+@user_errors
+def analyse(
+    out: Out,
+    name: Annotated[list[str] | None, typer.Argument(
+        help=f"analyses to run: {', '.join(ANALYSES)}; default: those of `analyses.run`")] = None,
+    config: OptionalConfig = None,
+    force: Force = False,
+) -> None:
+    """The analyses (metadata baseline, SHAP, embeddings, dilation sweep, reader selection, verdict)."""
+    audit = _audit(out, config)
+    for each in name or [a for a in ANALYSES if a in audit.config.analyses.run]:
+        audit.analyse(each, force)
 
 
 @app.command()

@@ -282,6 +282,94 @@ class ReportConfig(Strict):
     title: str = "maskaudit report"
 
 
+# ------------------------------------------------------------------------------------------ analyses
+
+#: The analyses, in the order they run (SPEC §6, §8); ``verdict`` reads the others.
+ANALYSES = ("baseline", "explain", "embed", "sweep", "reader", "verdict")
+
+#: A (training strategy, test strategy) pair: one model scored on one masking.
+Pair = tuple[Strategy, Strategy]
+
+
+class BaselineConfig(Strict):
+    """SPEC §6.1: logistic regression on metadata alone, compared with image models (DeLong)."""
+
+    compare: list[Pair] = Field(
+        default_factory=lambda: [("no_roi_bbox", "no_roi_bbox"), ("full", "full")],
+        description="image models (train, test) the baseline is tested against; the study used no_roi_bbox",
+    )
+    columns: list[str] | None = Field(None, description="metadata columns to use; default every one the data has")
+
+
+class ExplainConfig(Strict):
+    """SPEC §6.2: attribution maps for positive hold-out images, and the share inside the ROI (§8)."""
+
+    method: Literal["partition", "deep", "gradient"] = Field(
+        "partition", description="partition = the study's shap.Explainer with an image masker"
+    )
+    masker: str = Field("auto", description="auto (zero for X-rays, blur(S,S) for colour) | zero | blur | "
+                                            "inpaint_telea | any shap image-masker string")
+    max_evals: int = Field(1000, ge=10, description="partition explainer: model evaluations per image")
+    batch_size: int = Field(50, ge=1)
+    pairs: list[Pair] | None = Field(None, description="models (train, test) to explain; default each strategy "
+                                                       "on its own masking")
+    folds: list[int] = Field(default_factory=lambda: [0], description="whose fold's models")
+    images_per_class: int = Field(8, ge=1, description="positive hold-out images explained per class and pair")
+    background: int = Field(16, ge=1, description="deep/gradient: training images as the background")
+
+
+class EmbedConfig(Strict):
+    """SPEC §6.3: the full model's penultimate features under every strategy; t-SNE and cosine similarity."""
+
+    train_strategy: Strategy = "full"
+    fold: int = Field(0, ge=0)
+    split: Literal["val", "test"] = Field("val", description="the study used fold 0's validation images")
+    perplexity: float = Field(10.0, gt=0)
+    max_images: int | None = Field(None, ge=2, description="a seeded sample of at most this many images")
+
+
+class SweepConfig(Strict):
+    """SPEC §6.4: AUC against the ROI's spread, for hold-out images under only_roi and no_roi."""
+
+    train_strategies: list[Strategy] = Field(default_factory=lambda: ["full"], min_length=1)
+    test_strategies: list[Literal["no_roi", "only_roi"]] = Field(
+        default_factory=lambda: ["only_roi", "no_roi"], min_length=1
+    )
+    spreads: list[int] = Field(
+        default_factory=lambda: [0, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500],
+        description="spreads at S = 512, scaled to image_size",
+    )
+
+
+class ReaderConfig(Strict):
+    """SPEC §6.5: images for a reader study at chosen percentiles of each model's positives."""
+
+    fold: int | None = Field(None, ge=0, description="whose fold's models; default fold 1 as the study "
+                                                     "(fold 0 when there is one fold)")
+    percentiles: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0], min_length=1)
+
+
+class VerdictConfig(Strict):
+    """The rules of the per-class verdict (README, "Reading the verdict")."""
+
+    min_auc: float = Field(0.6, gt=0.5, lt=1.0, description="an AUC is evidence of signal when its CI's lower "
+                                                                "bound is above 0.5 and the AUC at least this")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of DeLong's paired tests")
+
+
+class AnalysesConfig(Strict):
+    run: list[Literal["baseline", "explain", "embed", "sweep", "reader", "verdict"]] = Field(
+        default_factory=lambda: list(ANALYSES), description="which analyses `maskaudit run` does"
+    )
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every AUC interval")
+    baseline: BaselineConfig = BaselineConfig()
+    explain: ExplainConfig = ExplainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    sweep: SweepConfig = SweepConfig()
+    reader: ReaderConfig = ReaderConfig()
+    verdict: VerdictConfig = VerdictConfig()
+
+
 # --------------------------------------------------------------------------------------------- root
 
 
@@ -307,6 +395,7 @@ class AuditConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
+    analyses: AnalysesConfig = AnalysesConfig()
     report: ReportConfig = ReportConfig()
     workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
     executor: Literal["local", "ray"] = "local"
@@ -327,6 +416,16 @@ class AuditConfig(Strict):
             raise ValueError(f"external dataset names must be distinct and not 'main': {names}")
         return value
 
+    @model_validator(mode="after")
+    def _analysis_folds(self) -> AuditConfig:
+        a = self.analyses
+        named = {"analyses.explain.folds": a.explain.folds, "analyses.embed.fold": [a.embed.fold],
+                 "analyses.reader.fold": [] if a.reader.fold is None else [a.reader.fold]}
+        for key, folds in named.items():
+            if any(k >= self.folds for k in folds):
+                raise ValueError(f"{key}={folds}: folds are numbered 0..{self.folds - 1}")
+        return self
+
     @property
     def eval_strategies(self) -> list[str]:
         return list(self.test_strategies or self.strategies)
@@ -345,7 +444,7 @@ def _error_line(exc: ValidationError, origin: str) -> str:
         elif err["type"] == "missing":
             parts.append(f"missing key {where!r}")
         else:
-            parts.append(f"{where}: {err['msg']}")
+            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return f"{origin}: " + "; ".join(parts)
 
 

@@ -8,7 +8,7 @@ device, on the whole batch (SPEC §2: masking before augmentation).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,13 @@ class Batch:
     roi: torch.Tensor | None  # bool (B, 1, S, S); None for data without masks
     labels: torch.Tensor  # float (B, K)
     index: torch.Tensor  # int64 (B,)
+    dist: torch.Tensor | None = None  # int16 (B, 1, S, S): signed distance maps the ROI was read from
+
+    def at_spread(self, spread: int) -> Batch:
+        """The same images with the ROI at another spread (the dilation sweep): one comparison, no re-read."""
+        if self.dist is None:
+            raise MaskauditError("this data has no ROI masks, so the ROI has no spread")
+        return replace(self, roi=roi_at_spread(self.dist, spread))
 
     def masked(self, strategy: str, config: AuditConfig, store: Store) -> torch.Tensor:
         """The batch as a model trained or tested under ``strategy`` sees it."""
@@ -133,12 +140,14 @@ def batches(
     scale = 1.0 / store.image_max
     for raw in loader:
         images = raw["images"].to(device, non_blocking=True).float().mul_(scale)
-        roi = None
+        roi = dist = None
         if "dist" in raw:
-            roi = roi_at_spread(raw["dist"].to(device, non_blocking=True).unsqueeze(1), config.spread)
+            dist = raw["dist"].to(device, non_blocking=True).unsqueeze(1)
+            roi = roi_at_spread(dist, config.spread)
         yield Batch(
             images=images,
             roi=roi,
             labels=raw["labels"].to(device, non_blocking=True),
             index=raw["index"],
+            dist=dist,
         )

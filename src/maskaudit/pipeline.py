@@ -1,6 +1,7 @@
 """The audit as a fixed sequence of stages over one run directory.
 
-prepare → split → train (grid of jobs) → predict (cross-masking) → metrics → report
+prepare → split → train (grid of jobs) → predict (cross-masking) → metrics
+        → baseline · explain · embed · sweep · reader → verdict → report
 
 Each stage has a fingerprint made of the config keys it reads and the fingerprints of the
 stages before it. A stage whose outputs exist with the same fingerprint is skipped, so a
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from maskaudit.config import AuditConfig, dump_config, load_config
+from maskaudit.config import ANALYSES, AuditConfig, dump_config, load_config
 from maskaudit.data.sources import make_source
 from maskaudit.data.splits import Splits, load_splits, make_splits, save_splits
 from maskaudit.data.store import Store, prepare_store
@@ -32,7 +33,7 @@ from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_t
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "split", "train", "predict", "metrics", "report")
+STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
 
 def _hash(*parts: object) -> str:
@@ -111,10 +112,22 @@ class Audit:
         if stage == "predict":
             return _hash("predict", [self.predict_fingerprint(s, k) for s, k in self.jobs])
         if stage == "metrics":
-            return _hash("metrics", self.fingerprint("predict"))
+            return _hash("metrics", self.fingerprint("predict"), c.analyses.level)
+        if stage == "verdict":
+            return _hash("verdict", self.fingerprint("metrics"), c.analyses.verdict.model_dump(),
+                         [self.fingerprint(a) for a in ("baseline", "explain") if a in c.analyses.run])
+        if stage in ANALYSES:
+            return _hash(stage, self.fingerprint("predict"), c.analyses.level,
+                         getattr(c.analyses, stage).model_dump(mode="json"))
         if stage == "report":
-            return _hash("report", self.fingerprint("metrics"), dump_config(c))
+            return _hash("report", self.fingerprint("metrics"), dump_config(c),
+                         [self.fingerprint(a) for a in c.analyses.run])
         raise ValueError(stage)
+
+    def analysis_job_fingerprint(self, name: str, strategy: str, fold: int) -> str:
+        """What one model's part of an analysis (``explain``, ``sweep``) depends on."""
+        c = self.config
+        return _hash(name, self.job_fingerprint(strategy, fold), getattr(c.analyses, name).model_dump(mode="json"))
 
     def job_fingerprint(self, strategy: str, fold: int) -> str:
         c = self.config
@@ -251,16 +264,18 @@ class Audit:
         return meta.is_file() and read_json(meta).get("fingerprint") == self.predict_fingerprint(strategy, fold)
 
     def metrics(self, force: bool = False) -> None:
-        from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, matrix_of
+        from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of
         from maskaudit.report.figures import auc_heatmap, save_figure
 
         def work() -> None:
             if not self.run.predictions.is_file():
                 raise MaskauditError(f"no {self.run.predictions}; run `maskaudit predict` first")
-            by_fold = auc_by_fold(pd.read_parquet(self.run.predictions))
-            matrix = auc_matrix(by_fold)
+            predictions = pd.read_parquet(self.run.predictions)
+            by_fold = auc_by_fold(predictions, self.config.analyses.level)
+            matrix = auc_matrix(predictions, self.config.analyses.level)
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
+            write_table(self.run.metrics / "delong.parquet", delong_table(predictions), csv=True)
             c = self.config
             panels = [(MAIN, "test", "hold-out", "auc_{}")]
             panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.external_configs()]
@@ -273,6 +288,16 @@ class Audit:
 
         self._stage("metrics", work, force)
 
+    def analyse(self, name: str, force: bool = False) -> None:
+        """One analysis of SPEC §6/§8 (see :mod:`maskaudit.analyses.stages`); needs the metrics stage."""
+        from maskaudit.analyses.stages import ANALYSIS_FUNCTIONS
+
+        if name not in ANALYSIS_FUNCTIONS:
+            raise MaskauditError(f"unknown analysis {name!r}; expected one of {', '.join(ANALYSES)}")
+        if not self.is_done("metrics"):
+            raise MaskauditError(f"analysis {name}: the metrics are missing or stale; run `maskaudit metrics` first")
+        self._stage(name, lambda: ANALYSIS_FUNCTIONS[name](self), force)
+
     def report(self, force: bool = False) -> None:
         from maskaudit.report.html import write_report
 
@@ -284,6 +309,9 @@ class Audit:
         self.train()
         self.predict()
         self.metrics()
+        for name in ANALYSES:
+            if name in self.config.analyses.run:
+                self.analyse(name)
         self.report()
         return self.run.report
 

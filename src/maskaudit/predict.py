@@ -72,6 +72,15 @@ def scorable_strategies(config: AuditConfig, store: Store) -> list[str]:
     return list(config.eval_strategies) if store.rois else ["full"]
 
 
+def job_model(config: AuditConfig, store: Store, run: RunDir, strategy: str, fold: int,
+              device: torch.device) -> torch.nn.Module:
+    """The trained model of job (strategy, fold), in eval mode on ``device``."""
+    model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
+                        in_channels=store.channels)
+    load_checkpoint(model, run.job(strategy, fold) / "model.pt")
+    return model.to(device).eval()
+
+
 def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
                 fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
     """The job's model on the hold-out set, its validation fold and every external image.
@@ -79,10 +88,7 @@ def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, 
     ``externals`` maps each external dataset's name to its config (with its ROI) and store.
     """
     device = resolve_device(config.train.device)
-    model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
-                        in_channels=store.channels)
-    load_checkpoint(model, run.job(strategy, fold) / "model.pt")
-    model.to(device)
+    model = job_model(config, store, run, strategy, fold, device)
     parts = {"test": splits.test}
     if config.predict.validation:
         parts["val"] = splits.val(fold)

@@ -12,7 +12,8 @@ Every path inside a run directory comes from :class:`RunDir`; no other module bu
       splits.json                    patient ids (and image ids) of the hold-out and of each fold
       jobs/<strategy>/fold_<k>/      model.pt, last.pt, history.csv, tb/, predictions.parquet, job.json
       predictions.parquet            the long table: every model x test strategy x image x class
-      metrics/                       auc_by_fold.{csv,parquet}, auc_matrix.{csv,parquet}
+      metrics/                       auc_by_fold, auc_matrix, delong (each .parquet and .csv)
+      analyses/<name>/               baseline, explain, embed, sweep, reader, verdict: tables, arrays, images
       figures/                       auc_<class>.png
       report.html
       logs/maskaudit.log
@@ -111,6 +112,9 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    def analysis(self, name: str) -> Path:
+        return self.root / "analyses" / name
 
     @property
     def figures(self) -> Path:

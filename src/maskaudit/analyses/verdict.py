@@ -1,0 +1,181 @@
+"""The verdict per class: what the evidence of the audit says the models rely on.
+
+Evidence is an AUC with its DeLong CI, fold-mean over the folds' models on the hold-out
+images. An AUC *shows signal* when its CI's lower bound is above 0.5 and the AUC is at least
+``analyses.verdict.min_auc`` (0.6): a small, unstable edge over chance is not read as evidence.
+Four cells are read, each the first one the run has from its list:
+
+``full``     the full-image model on full images (``full→full``);
+``inside``   a model that sees only the ROI: ``only_roi→only_roi``, ``only_roi_bbox→only_roi_bbox``,
+             else the full model tested on ``only_roi``;
+``outside``  a model that never sees the ROI: ``no_roi_bbox→no_roi_bbox`` (its box hides the ROI's
+             silhouette too), ``no_roi→no_roi``, else the full model tested on ``no_roi_bbox``/``no_roi``;
+``shape``    a model fed the ROI's binary mask alone (``roi_shape→roi_shape``).
+
+The rules, in order; the first that applies is the verdict:
+
+1. ``metadata`` — the metadata baseline shows signal, and no cell that shows signal is
+   significantly better than it (DeLong's test of the two fold means on the same hold-out images,
+   p < alpha): the label is predictable from who was imaged and how, and the images add nothing
+   that can be told apart from it.
+2. ``none`` — no cell shows signal: the models learnt nothing that generalises to the hold-out.
+3. ``shape`` — the mask alone shows signal: the ROI's outline (its size, its shape) predicts the
+   class, so a masked model's success says nothing about evidence outside the ROI.
+4. ``everywhere`` — inside and outside both show signal: the class (or something that travels
+   with it, like an acquisition setting) is visible in both; a shortcut is possible.
+5. ``outside`` — outside shows signal, inside does not: **shortcut suspected**.
+6. ``roi`` — inside shows signal, outside does not: the models rely on the ROI.
+7. ``unclear`` — the full model shows signal but neither masked model does: the evidence needs the
+   ROI together with its surroundings; read the matrices.
+
+The share of positive attribution inside the ROI (``explain``) is reported beside the verdict as
+supporting evidence, not used by the rules: attribution maps are not calibrated enough to overrule
+models trained without the ROI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from maskaudit.config import VerdictConfig
+
+#: verdict → (short label for the report, colour)
+VERDICTS = {
+    "roi": ("relies on the ROI", "#1a9850"),
+    "outside": ("shortcut suspected: signal outside the ROI", "#d73027"),
+    "everywhere": ("signal inside and outside the ROI", "#fc8d59"),
+    "shape": ("the ROI's silhouette predicts it (shape leakage)", "#fee08b"),
+    "metadata": ("explained by metadata", "#d73027"),
+    "none": ("no signal found", "#bdbdbd"),
+    "unclear": ("unclear: needs the ROI and its surroundings", "#bdbdbd"),
+    "undetermined": ("undetermined: the run lacks the full model", "#bdbdbd"),
+}
+
+#: Which cells (training strategy, test strategy) each piece of evidence is read from, in order of preference.
+EVIDENCE = {
+    "full": [("full", "full")],
+    "inside": [("only_roi", "only_roi"), ("only_roi_bbox", "only_roi_bbox"), ("full", "only_roi")],
+    "outside": [("no_roi_bbox", "no_roi_bbox"), ("no_roi", "no_roi"), ("full", "no_roi_bbox"), ("full", "no_roi")],
+    "shape": [("roi_shape", "roi_shape")],
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One piece of evidence: which model on which masking, its AUC and CI."""
+
+    train: str
+    test: str
+    auc: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.train}→{self.test}"
+
+    def text(self) -> str:
+        if math.isnan(self.auc):
+            return f"{self.name} n/a"
+        return f"{self.name} {self.auc:.2f} [{self.ci_low:.2f}, {self.ci_high:.2f}]"
+
+
+def shows_signal(auc: float, ci_low: float, rules: VerdictConfig) -> bool:
+    return not math.isnan(auc) and ci_low > 0.5 and auc >= rules.min_auc
+
+
+def _cell(cells: pd.DataFrame, name: str) -> Cell | None:
+    for train, test in EVIDENCE[name]:
+        if (train, test) in cells.index:
+            row = cells.loc[(train, test)]
+            if not math.isnan(row["auc_mean"]):
+                return Cell(train, test, float(row["auc_mean"]), float(row["ci_low"]), float(row["ci_high"]))
+    return None
+
+
+def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
+                  attribution: dict | None = None) -> dict:
+    """The verdict of one class.
+
+    Parameters
+    ----------
+    cells : DataFrame indexed by (train_strategy, test_strategy)
+        The class's hold-out AUC matrix with columns ``auc_mean``, ``ci_low``, ``ci_high``.
+    baseline : dict, optional
+        ``auc``, ``ci_low``, ``ci_high`` of the metadata baseline, and ``tests``: for each cell
+        (``"train→test"``) a dict with ``difference`` (cell − baseline) and ``p_value`` of DeLong's test.
+    attribution : dict, optional
+        ``in_roi`` (share of positive attribution inside the ROI), ``roi_area`` and ``ratio``, for full→full.
+
+    Returns
+    -------
+    dict with ``verdict``, ``reading`` (a plain sentence with the numbers) and the evidence columns.
+    """
+    evidence = {name: _cell(cells, name) for name in EVIDENCE}
+    signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
+    full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
+    base_signal = baseline is not None and shows_signal(baseline["auc"], baseline["ci_low"], rules)
+    tests = baseline.get("tests", {}) if baseline else {}
+    better = [cell for name, cell in evidence.items() if cell is not None and signal[name]
+              and tests.get(cell.name, {}).get("p_value", math.nan) < rules.alpha
+              and tests[cell.name]["difference"] > 0]
+
+    def seen(cell: Cell | None) -> str:
+        return cell.text() if cell else "not in this run"
+
+    if full is None:
+        verdict, reading = "undetermined", "The run has no full-image model on full images to compare with."
+    elif base_signal and not better:
+        verdict = "metadata"
+        p_full = tests.get(full.name, {}).get("p_value", math.nan)
+        reading = (f"Metadata alone predict it ({_baseline_text(baseline)}) and no image model is significantly "
+                   f"better (the full model: {full.text()}, p = {p_full:.3g}).")
+    elif not any(signal.values()):
+        verdict = "none"
+        reading = f"No model shows signal: {full.text()}, inside {seen(inside)}, outside {seen(outside)}."
+    elif signal["shape"]:
+        verdict = "shape"
+        reading = (f"The ROI's mask alone predicts it ({shape.text()}): the outline carries the evidence, so "
+                   f"masked models (outside {seen(outside)}, inside {seen(inside)}) are confounded by it.")
+    elif signal["inside"] and signal["outside"]:
+        verdict = "everywhere"
+        reading = (f"Visible both inside ({inside.text()}) and outside the ROI ({outside.text()}): "
+                   "something outside the ROI travels with the label; a shortcut is possible.")
+    elif signal["outside"]:
+        verdict = "outside"
+        reading = (f"Shortcut suspected: without the ROI the models still find it ({outside.text()}), "
+                   f"with the ROI alone they do not ({seen(inside)}).")
+    elif signal["inside"]:
+        verdict = "roi"
+        reading = (f"The ROI alone suffices ({inside.text()}) and the rest of the image does not "
+                   f"({seen(outside)}): the models rely on the ROI.")
+    else:
+        verdict = "unclear"
+        reading = (f"The full model finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
+                   f"rest ({seen(outside)}) suffices: the evidence needs both; read the matrices.")
+    if base_signal and verdict != "metadata":
+        reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
+                    f"{better[0].name} (DeLong p = {tests[better[0].name]['p_value']:.3g}).")
+    if attribution and not math.isnan(attribution.get("ratio", math.nan)):
+        reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of full→full lies in "
+                    f"the ROI, which covers {attribution['roi_area']:.0%} of the image (×{attribution['ratio']:.2f}).")
+    row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading}
+    for name, cell in evidence.items():
+        row[f"{name}_cell"] = cell.name if cell else ""
+        row[f"{name}_auc"] = cell.auc if cell else math.nan
+        row[f"{name}_ci_low"] = cell.ci_low if cell else math.nan
+        row[f"{name}_ci_high"] = cell.ci_high if cell else math.nan
+        row[f"{name}_signal"] = signal[name]
+    for key in ("auc", "ci_low", "ci_high"):
+        row[f"baseline_{key}"] = baseline.get(key, math.nan) if baseline else math.nan
+    row["baseline_p_full"] = tests.get(full.name, {}).get("p_value", math.nan) if full else math.nan
+    row["baseline_signal"] = base_signal
+    row["attribution_ratio"] = attribution.get("ratio", math.nan) if attribution else math.nan
+    return row
+
+
+def _baseline_text(baseline: dict) -> str:
+    return f"baseline AUC {baseline['auc']:.2f} [{baseline['ci_low']:.2f}, {baseline['ci_high']:.2f}]"
