@@ -18,7 +18,9 @@ study's model. No module computes in place: torchvision's ``DenseNet.forward`` a
 ``F.relu(..., inplace=True)`` functionally, which breaks SHAP's DeepExplainer and captum's hook-based
 explainers (shap issues #3466, #3565, #3938). Our forward is written out with non-in-place
 ``nn.ReLU`` modules instead, and ResNet's shared ReLU and in-place residual add are split, so
-gradient explainers and ``register_full_backward_hook`` work on every architecture here.
+gradient explainers and ``register_full_backward_hook`` work on every architecture here. (SHAP's
+DeepExplainer also needs a correct DeepLIFT rule for the stems' overlapping max-pooling, which
+shap's own rule is not: :mod:`maskaudit.analyses.explain` supplies one.)
 
 Weights are data about an architecture, kept apart from it: ``weights: imagenet`` downloads
 torchvision's ImageNet weights (or reads them from torch.hub's cache), ``weights: none`` starts from
