@@ -187,7 +187,7 @@ def test_every_planted_signal_gets_its_verdict(tmp_path: Path):
 
     baseline = pd.read_csv(out / "analyses" / "baseline" / "baseline_auc.csv")
     mean = baseline[baseline["fold"] == "mean"].set_index("class")
-    assert mean.loc["insured", "ci_low"] > 0.8 and mean.loc["opacity", "auc"] < 0.7
+    assert mean.loc["insured", "ci_low"] > 0.7 and mean.loc["opacity", "auc"] < 0.7
 
     shares = pd.read_csv(out / "analyses" / "explain" / "attribution_in_roi.csv")
     full = shares[(shares["train_strategy"] == "full") & (shares["test_strategy"] == "full")].set_index("class")
@@ -212,3 +212,25 @@ def test_every_planted_signal_gets_its_verdict(tmp_path: Path):
     result = CliRunner().invoke(app, ["analyse", "--out", str(out)])
     assert result.exit_code == 0 and (out / "analyses" / "verdict" / "verdict.parquet").stat().st_mtime_ns == before
     assert not math.isnan(verdict.loc["opacity", "full_auc"])
+
+
+def test_analyses_on_a_tiny_run_without_metadata(tmp_path: Path):
+    """Every analysis runs on a tiny grid; no metadata is said plainly; a gradient explainer runs in the stage."""
+    from test_pipeline import TINY
+
+    config = {**TINY, "analyses": {"explain": {"method": "deep", "background": 4, "images_per_class": 1},
+                                   "sweep": {"spreads": [0, 100]}, "reader": {"percentiles": [50]}}}
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    stages = read_json(out / "stages.json")
+    assert stages["baseline"]["status"] == "this data has no metadata: no baseline"
+    assert stages["explain"]["method"] == "deep"
+    verdict = pd.read_csv(out / "analyses" / "verdict" / "verdict.csv")
+    assert set(verdict["class"]) == {"opacity", "device"} and verdict["baseline_auc"].isna().all()
+    report = (out / "report.html").read_text()
+    assert "Verdict per class" in report and "this data has no metadata" in report
+    bad = CliRunner().invoke(app, ["analyse", "bogus", "--out", str(out)])
+    assert bad.exit_code == 1 and "unknown analysis 'bogus'" in bad.output

@@ -13,6 +13,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from maskaudit import __version__
+from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.rundir import read_json, write_text
 
 if TYPE_CHECKING:
@@ -25,8 +26,13 @@ def _png_data_uri(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _fmt(value: float) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+def _fmt(value: object) -> str:
+    """Floats with three decimals, missing values empty, anything else as it is."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{value:.3f}"
+    return str(value)
 
 
 def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
@@ -55,7 +61,46 @@ def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def _table(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def analysis_sections(audit: Audit) -> list[dict]:
+    """Each analysis's figures (inlined) and main table, or why it is absent."""
+    run, config = audit.run, audit.config
+    figures = {
+        "baseline": [],
+        "explain": [run.figures / f"explain_full_full_{name}.png" for name in config.classes],
+        "embed": [run.figures / "tsne.png"],
+        "sweep": [run.figures / f"sweep_{s}.png" for s in config.analyses.sweep.train_strategies],
+        "reader": [],
+    }
+    tables = {
+        "baseline": (run.analysis("baseline") / "baseline_auc.parquet", "metadata baseline AUC per fold and mean"),
+        "explain": (run.analysis("explain") / "attribution_in_roi.parquet",
+                    "share of positive attribution inside the ROI (in_roi), the ROI's share of the image, ratio"),
+        "embed": (run.analysis("embed") / "cosine.parquet", "cosine similarity of full and masked embeddings"),
+        "sweep": (run.analysis("sweep") / "sweep.parquet", "AUC against the ROI's spread, mean ± std over folds"),
+        "reader": (run.analysis("reader") / "selection.parquet", "reader-study cases (the key to the blinded files)"),
+    }
+    stages = read_json(run.stages) if run.stages.is_file() else {}
+    sections = []
+    for name, (path, caption) in tables.items():
+        record = stages.get(name, {})
+        sections.append({
+            "name": name,
+            "status": ("not in analyses.run" if name not in config.analyses.run else
+                       record.get("status", "") if record else "not run"),
+            "figures": [uri for uri in map(_png_data_uri, figures[name]) if uri],
+            "table": _table(path) if record else None,
+            "caption": caption,
+        })
+    return sections
+
+
 def write_report(audit: Audit) -> dict:
+    from maskaudit.pipeline import STAGES
+
     run, config = audit.run, audit.config
     env = Environment(loader=PackageLoader("maskaudit", "report/templates"),
                       autoescape=select_autoescape(["html"]))
@@ -77,6 +122,9 @@ def write_report(audit: Audit) -> dict:
         classes.append(entry)
     stages = read_json(run.stages) if run.stages.is_file() else {}
     html = env.get_template("report.html").render(
+        verdicts=_table(run.analysis("verdict") / "verdict.parquet"),
+        verdict_colours={k: colour for k, (_, colour) in VERDICTS.items()},
+        analyses=analysis_sections(audit),
         title=config.report.title,
         run=run.root.resolve(),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -85,7 +133,7 @@ def write_report(audit: Audit) -> dict:
         classes=classes,
         data=data_tables(audit),
         stages=stages,
-        stage_names=("prepare", "split", "train", "predict", "metrics", "report"),
+        stage_names=STAGES,
         config_yaml=run.config.read_text(),
     )
     write_text(run.report, html)
