@@ -39,7 +39,7 @@ def test_by_fold_and_matrix():
     assert by_fold.loc[by_fold["class"] == "b", "auc"].isna().all()
     assert (by_fold.loc[by_fold["class"] == "b", "reason"].str.contains("only label 0")).all()
     assert (by_fold.loc[by_fold["class"] == "a", "ci_low"] <= by_fold.loc[by_fold["class"] == "a", "auc"]).all()
-    matrix = auc_matrix(_predictions())
+    matrix = auc_matrix(_predictions(), by_fold)
     a = matrix_of(matrix, "a", "test", ["full", "no_roi"], ["full", "no_roi"])
     assert a.shape == (2, 2) and a.notna().all().all()
     expected = by_fold[(by_fold["class"] == "a") & (by_fold.train_strategy == "full")
@@ -54,7 +54,8 @@ def test_matrix_ci_is_that_of_the_fold_mean_on_shared_images():
     from maskaudit.stats import mean_auc_ci
 
     predictions = _predictions()
-    matrix = auc_matrix(predictions).set_index(["class", "train_strategy", "test_strategy"])
+    matrix = auc_matrix(predictions, auc_by_fold(predictions))
+    matrix = matrix.set_index(["class", "train_strategy", "test_strategy"])
     part = predictions[(predictions["class"] == "a") & (predictions["train_strategy"] == "full")
                        & (predictions["test_strategy"] == "no_roi")]
     expected = mean_auc_ci([g[["image_id", "label", "probability"]] for _, g in part.groupby("fold")])

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from maskaudit.stats import auc_ci, mean_auc_ci, mean_difference_test, paired_test
+from maskaudit.errors import MaskauditError
+from maskaudit.stats import auc_ci, delong_test, mean_auc_ci, mean_difference
 
 KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
 
@@ -36,14 +37,16 @@ def auc_by_fold(predictions: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*KEYS, "fold", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "reason"])
 
 
-def auc_matrix(predictions: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """Fold mean and std of the AUC per (dataset, split, train, test, class), with the DeLong CI of the mean."""
+def auc_matrix(predictions: pd.DataFrame, by_fold: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Fold mean and std of the AUC per (dataset, split, train, test, class), with the DeLong CI of the mean.
+
+    ``by_fold`` is :func:`auc_by_fold` of the same predictions (the standard deviation is taken from it).
+    """
+    fold_aucs = by_fold.groupby(KEYS, sort=False)["auc"]
     rows = []
     for key, group in predictions.groupby(KEYS, sort=False):
-        sets = _sets(group)
-        est = mean_auc_ci(sets, level)
-        aucs = [auc_ci(s["label"].to_numpy(float), s["probability"].to_numpy(float)).auc for s in sets]
-        defined = [a for a in aucs if not np.isnan(a)]
+        est = mean_auc_ci(_sets(group), level)
+        defined = fold_aucs.get_group(key).dropna()
         rows.append({
             **dict(zip(KEYS, key, strict=True)),
             "auc_mean": est.auc,
@@ -58,32 +61,55 @@ def auc_matrix(predictions: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                                        "n_folds_missing", "reason"])
 
 
+def _wide(group: pd.DataFrame, where: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """One class's probabilities by image id (rows) and (train, test, fold) (columns), and each image's label."""
+    labels = group.groupby("image_id", sort=True)["label"]
+    if (labels.nunique() > 1).any():
+        raise MaskauditError(f"{where}: an image has different labels in the prediction table")
+    try:
+        wide = group.pivot(index="image_id", columns=["train_strategy", "test_strategy", "fold"], values="probability")
+    except ValueError:
+        raise MaskauditError(f"{where}: an image occurs twice for one model and strategy") from None
+    return wide.sort_index(), labels.first().reindex(wide.index).to_numpy(dtype=float)
+
+
 def delong_table(predictions: pd.DataFrame, reference: tuple[str, str] = ("full", "full")) -> pd.DataFrame:
     """DeLong's paired test of each (train, test) cell against ``reference`` on the same images.
 
-    One row per fold (the two models of that fold) and, where the folds' models score the same images
-    (hold-out, external), one row with ``fold`` = ``mean``: the difference of the two fold means, tested
-    with the joint covariance of all the models (:func:`maskaudit.stats.mean_difference_test`).
+    One row per fold (the two models of that fold, on the images both scored) and, where the folds'
+    models score the same images (hold-out, external), one row with ``fold`` = ``mean``: the
+    difference of the two fold means, tested with the joint covariance of all the models
+    (:func:`maskaudit.stats.mean_difference`). Images are matched by id: the table is pivoted to
+    one row per image before any test.
     """
     columns = [*KEYS, "fold", "reference", "auc", "auc_reference", "difference", "z", "p_value", "n_images",
                "reason"]
-    ref = predictions[(predictions["train_strategy"] == reference[0]) & (predictions["test_strategy"] == reference[1])]
-    refs = {key: {int(k): f[["image_id", "label", "probability"]] for k, f in g.groupby("fold", sort=True)}
-            for key, g in ref.groupby(["dataset", "split", "class"], sort=False)}
     rows = []
-    for key, group in predictions.groupby(KEYS, sort=False):
-        dataset, split, train, test, name = key
-        if (train, test) == reference or (dataset, split, name) not in refs:
+    for (dataset, split, name), group in predictions.groupby(["dataset", "split", "class"], sort=False):
+        wide, labels = _wide(group, f"{dataset}/{split}/{name}")
+        cells = dict.fromkeys((t, s) for t, s, _ in wide.columns)
+        ref_folds = {k for t, s, k in wide.columns if (t, s) == reference}
+        if not ref_folds:
             continue
-        ref_sets = refs[dataset, split, name]
-        sets = {int(k): f[["image_id", "label", "probability"]] for k, f in group.groupby("fold", sort=True)}
-        results = {str(k): paired_test(sets[k], ref_sets[k]) for k in sets if k in ref_sets}
-        if split != "val":
-            results["mean"] = mean_difference_test(list(sets.values()), list(ref_sets.values()))
-        for fold, r in results.items():
-            rows.append({**dict(zip(KEYS, key, strict=True)), "fold": fold, "reference": "→".join(reference),
-                         "auc": r.auc_a, "auc_reference": r.auc_b, "difference": r.difference, "z": r.z,
-                         "p_value": r.p_value, "n_images": r.n_images, "reason": r.reason})
+        for train, test in cells:
+            if (train, test) == reference:
+                continue
+            folds = sorted(k for t, s, k in wide.columns if (t, s) == (train, test) and k in ref_folds)
+            results = {}
+            for k in folds:
+                a, b = wide[(train, test, k)].to_numpy(), wide[(*reference, k)].to_numpy()
+                both = ~np.isnan(a) & ~np.isnan(b)
+                results[str(k)] = delong_test(labels[both], a[both], b[both])
+            if split != "val" and folds:
+                a = wide[[(train, test, k) for k in folds]].to_numpy().T
+                b = wide[[(*reference, k) for k in folds]].to_numpy().T
+                every = ~np.isnan(a).any(axis=0) & ~np.isnan(b).any(axis=0)
+                results["mean"] = mean_difference(labels[every], a[:, every], b[:, every])
+            for fold, r in results.items():
+                rows.append({"dataset": dataset, "split": split, "train_strategy": train, "test_strategy": test,
+                             "class": name, "fold": fold, "reference": "→".join(reference), "auc": r.auc_a,
+                             "auc_reference": r.auc_b, "difference": r.difference, "z": r.z, "p_value": r.p_value,
+                             "n_images": r.n_images, "reason": r.reason})
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -272,7 +272,7 @@ class Audit:
                 raise MaskauditError(f"no {self.run.predictions}; run `maskaudit predict` first")
             predictions = pd.read_parquet(self.run.predictions)
             by_fold = auc_by_fold(predictions, self.config.analyses.level)
-            matrix = auc_matrix(predictions, self.config.analyses.level)
+            matrix = auc_matrix(predictions, by_fold, self.config.analyses.level)
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
             write_table(self.run.metrics / "delong.parquet", delong_table(predictions), csv=True)

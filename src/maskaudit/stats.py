@@ -345,15 +345,27 @@ def delong_test(labels, scores_a, scores_b) -> PairedTest:
         raise ValueError(f"scores_a has shape {a.shape} but scores_b has shape {b.shape}")
     if a.ndim != 1:
         raise ValueError(f"expected scores of shape (n_images,); got {a.shape}")
-    return _contrast_test(labels, np.vstack([a, b]), np.array([1.0]), np.array([1.0]))
+    return mean_difference(labels, a[None], b[None])
 
 
-def _contrast_test(labels, scores: np.ndarray, weights_a: np.ndarray, weights_b: np.ndarray) -> PairedTest:
-    """DeLong's test of ``weights_a · AUC[:ka] - weights_b · AUC[ka:]`` for predictors on the same images.
+def mean_difference(labels, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedTest:
+    """DeLong's test of ``mean(AUC of scores_a) - mean(AUC of scores_b)``, all predictors on the same images.
 
-    The variance of the contrast is that of the contrast of the components (>= 0, and exactly 0 when
-    both sides are the same predictors).
+    Parameters
+    ----------
+    labels : array-like of shape (n_images,)
+    scores_a, scores_b : arrays of shape (k_a, n_images) and (k_b, n_images)
+        Aligned with ``labels``; one row per predictor (e.g. per fold's model).
+
+    Returns
+    -------
+    PairedTest
+        The variance of the contrast is that of the contrast of the components (>= 0, and exactly 0
+        when both sides are the same predictors); ``auc_a``/``auc_b`` are the two means.
     """
+    scores_a, scores_b = np.atleast_2d(np.asarray(scores_a, float)), np.atleast_2d(np.asarray(scores_b, float))
+    weights_a, weights_b = np.full(len(scores_a), 1.0 / len(scores_a)), np.full(len(scores_b), 1.0 / len(scores_b))
+    scores = np.vstack([scores_a, scores_b])
     labels, scores = _as_labels_and_scores(labels, scores)
     labels, scores, reason = _screen(labels, scores)
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
@@ -539,5 +551,6 @@ def mean_difference_test(sets_a: list[pd.DataFrame], sets_b: list[pd.DataFrame])
     if wide.empty:
         return PairedTest(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, 0, "no shared images")
     labels = sets[0].set_index("image_id")["label"].reindex(wide.index).to_numpy(dtype=float)
-    ka, kb = len(sets_a), len(sets_b)
-    return _contrast_test(labels, wide.to_numpy(dtype=float).T, np.full(ka, 1.0 / ka), np.full(kb, 1.0 / kb))
+    ka = len(sets_a)
+    values = wide.to_numpy(dtype=float).T
+    return mean_difference(labels, values[:ka], values[ka:])
