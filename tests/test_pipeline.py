@@ -61,7 +61,8 @@ def test_run_end_to_end_then_skip(tmp_path: Path):
     for name in ("opacity", "device"):
         assert (out / "figures" / f"auc_{name}.png").is_file()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "http://" not in html.replace("http://www.w3", "")
+    # two AUC heatmaps and the training curves, inlined; nothing fetched from elsewhere
+    assert html.count("data:image/png;base64,") == 3 and "http://" not in html.replace("http://www.w3", "")
     for job in ("full/fold_0", "only_roi/fold_1"):
         history = pd.read_csv(out / "jobs" / job / "history.csv")
         assert {"train_loss", "val_loss", "val_auc_opacity"} <= set(history.columns)

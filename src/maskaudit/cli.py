@@ -174,8 +174,22 @@ def analyse(
 
 @app.command()
 @user_errors
-def report(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
-    """Write the self-contained report.html."""
+def report(
+    out: Out,
+    config: OptionalConfig = None,
+    force: Force = False,
+    compare: Annotated[tuple[Path, Path] | None, typer.Option(
+        "--compare", metavar="RUN_A RUN_B",
+        help="instead: put two runs' AUC matrices and verdicts side by side in OUT/compare.html "
+             "(or OUT, when it ends in .html)")] = None,
+) -> None:
+    """Write the self-contained report.html (or, with --compare, compare.html of two runs)."""
+    if compare:
+        from maskaudit.report.compare import compare_runs
+
+        _setup_logging(None)
+        typer.echo(f"comparison: {compare_runs(compare[0], compare[1], out)}")
+        return
     audit = _audit(out, config)
     audit.report(force)
     typer.echo(f"report: {audit.run.report}")

@@ -280,6 +280,11 @@ class PredictConfig(Strict):
 
 class ReportConfig(Strict):
     title: str = "maskaudit report"
+    formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=lambda: ["png"], min_length=1,
+        description="file formats of every figure (svg, pdf for papers); PNG is always written, "
+                    "as the report inlines it",
+    )
 
 
 # ------------------------------------------------------------------------------------------ analyses

@@ -284,7 +284,7 @@ class Audit:
                     mean, std = (matrix_of(matrix, name, split, c.strategies, c.eval_strategies, value, dataset)
                                  for value in ("auc_mean", "auc_std"))
                     fig = auc_heatmap(mean, std, f"{name}: {label} AUC, mean of {c.folds} folds")
-                    save_figure(fig, self.run.figures / file_name.format(name))
+                    save_figure(fig, self.run.figures / file_name.format(name), self.config.report.formats)
 
         self._stage("metrics", work, force)
 

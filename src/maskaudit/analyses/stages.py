@@ -121,7 +121,8 @@ def run_sweep(audit) -> dict:
     write_table(out / "sweep_by_fold.parquet", by_fold, csv=True)
     write_table(out / "sweep.parquet", summary, csv=True)
     for strategy in c.analyses.sweep.train_strategies:
-        save_figure(sweep_figure(summary, strategy, c.image_size), audit.run.figures / f"sweep_{strategy}")
+        save_figure(sweep_figure(summary, strategy, c.image_size), audit.run.figures / f"sweep_{strategy}",
+                    c.report.formats)
     return {"rows": len(predictions)}
 
 
@@ -196,7 +197,7 @@ def run_explain(audit) -> dict:
             fig = attribution_panels(arrays["images"][at].astype(np.float32), rois,
                                      arrays["attributions"][at].astype(np.float32), captions,
                                      f"{name}: {train}→{test} (fold {first}), {c.analyses.explain.method}")
-            save_figure(fig, audit.run.figures / f"explain_{train}_{test}_{name}")
+            save_figure(fig, audit.run.figures / f"explain_{train}_{test}_{name}", c.report.formats)
     return {"images": int(len(table)), "method": c.analyses.explain.method}
 
 
@@ -290,7 +291,7 @@ def run_embed(audit) -> dict:
     _save_npz(out / "embeddings.npz", {"image_id": image_ids.astype(str), **embeddings})
     title = (f"t-SNE of {e.train_strategy} model (fold {e.fold}) features, {len(indices)} {e.split} images, "
              f"perplexity {perplexity:g}")
-    save_figure(tsne_figure(points, title), audit.run.figures / "tsne")
+    save_figure(tsne_figure(points, title), audit.run.figures / "tsne", c.report.formats)
     return {"images": int(len(indices)), "perplexity": perplexity}
 
 

@@ -1,38 +1,236 @@
-"""The run's report: one self-contained HTML file (figures inlined, no network requests)."""
+"""The run's report: one self-contained HTML file (figures inlined, no network requests).
+
+The report reads only the run directory: the metric and analysis tables, the figures and the
+training histories. Every image is downscaled before it is inlined (see :data:`WIDTHS`), so a
+PadChest-size run stays well under 20 MB. A stage that did not run, or an analysis left out of
+``analyses.run``, gets a line that says so instead of an empty space.
+"""
 
 from __future__ import annotations
 
 import base64
+import io
 import platform
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
+from PIL import Image
 
 from maskaudit import __version__
 from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.rundir import read_json, write_text
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from maskaudit.config import AuditConfig
     from maskaudit.pipeline import Audit
 
+#: Largest width in pixels of each kind of inlined image; larger ones are downscaled.
+WIDTHS = {"chart": 900, "heatmap": 560, "panel": 720, "thumbnail": 160}
 
-def _png_data_uri(path: Path) -> str | None:
+#: Tables longer than this are folded into a ``<details>`` element.
+FOLD_ROWS = 12
+
+#: Packages whose versions the report lists.
+PACKAGES = ("maskaudit", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "shap", "matplotlib")
+
+ANALYSIS_TITLES = {
+    "baseline": "Metadata baseline and DeLong tests",
+    "explain": "SHAP attributions",
+    "embed": "Embeddings: t-SNE and cosine similarity",
+    "sweep": "Dilation sweep",
+    "reader": "Reader-study sheet",
+    "verdict": "Verdict",
+}
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def inline_image(path: Path, kind: str = "chart") -> str | None:
+    """A data URI of the image at ``path``, downscaled to :data:`WIDTHS` ``[kind]``.
+
+    Parameters
+    ----------
+    path : Path
+        A PNG (or any format Pillow reads).
+    kind : {"chart", "heatmap", "panel", "thumbnail"}
+        Charts and heatmaps stay PNG (sharp lines and text); panels of images and thumbnails are
+        JPEG, which keeps photographs several times smaller.
+
+    Returns
+    -------
+    str or None
+        ``data:image/...;base64,...``, or None when the file does not exist.
+    """
     if not path.is_file():
         return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    with Image.open(path) as image:
+        image.load()
+        width = WIDTHS[kind]
+        if image.width > width:
+            image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
+        buffer = io.BytesIO()
+        if kind in ("panel", "thumbnail"):
+            if image.mode in ("RGBA", "LA", "P"):
+                image = image.convert("RGBA")
+                flat = Image.new("RGB", image.size, "white")
+                flat.paste(image, mask=image.getchannel("A"))
+                image = flat
+            elif image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            image.save(buffer, format="JPEG", quality=80, optimize=True)
+            mime = "image/jpeg"
+        else:  # a 256-colour palette: charts have few colours, and the file shrinks several times
+            flat = image.convert("RGBA")
+            image = flat.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+            image.save(buffer, format="PNG", optimize=True)
+            mime = "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float | np.floating) and np.isnan(value))
 
 
 def _fmt(value: object) -> str:
     """Floats with three decimals, missing values empty, anything else as it is."""
-    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+    if _missing(value):
         return ""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
     if isinstance(value, float | np.floating):
         return f"{value:.3f}"
     return str(value)
+
+
+def fmt_p(value: object) -> str:
+    """A p-value: three significant digits, ``< 0.001`` below that."""
+    if _missing(value):
+        return ""
+    return "< 0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def fmt_auc(auc: object, low: object = None, high: object = None) -> str:
+    """``0.972 [0.948, 0.996]``; the AUC alone when the interval is missing; empty for NaN."""
+    if _missing(auc):
+        return ""
+    if _missing(low) or _missing(high):
+        return f"{float(auc):.3f}"
+    return f"{float(auc):.3f} [{float(low):.3f}, {float(high):.3f}]"
+
+
+@dataclass
+class Table:
+    """A table ready for the template: header and rows of cells, each a dict of text, title, style, left."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[dict[str, Any]]] = field(default_factory=list)
+    folded: bool = False
+    corner: bool = False  # the first column is a header column (a matrix)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+
+def _cell(text: object, title: str = "", style: str = "", left: bool = False) -> dict[str, Any]:
+    return {"text": text if isinstance(text, str) else _fmt(text), "title": title, "style": style, "left": left}
+
+
+def frame_table(frame: pd.DataFrame, caption: str, formats: dict[str, Callable[[pd.Series], str]] | None = None,
+                columns: list[str] | None = None) -> Table:
+    """A data frame as a :class:`Table`.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        The rows to show.
+    caption : str
+        Says what the table holds.
+    formats : dict, optional
+        ``{header: function(row) -> text}``: computed columns, in order; without it every column
+        of ``frame`` (or of ``columns``) is shown with :func:`_fmt`.
+    columns : list of str, optional
+        Columns of ``frame`` to show when ``formats`` is not given.
+
+    Returns
+    -------
+    Table
+        Folded when it has more than :data:`FOLD_ROWS` rows.
+    """
+    if formats is None:
+        formats = {c: (lambda row, c=c: _fmt(row[c])) for c in (columns or list(frame.columns))}
+    texts = [[formatter(row) for formatter in formats.values()] for _, row in frame.iterrows()]
+    keep = [k for k in range(len(formats)) if any(t[k] for t in texts)]  # a column empty everywhere says nothing
+    rows = [[_cell(t[k], left=not (t[k][:1].isdigit() or t[k][:1] in "-−<" or t[k] == "")) for k in keep]
+            for t in texts]
+    return Table(caption, [list(formats)[k] for k in keep], rows, folded=len(rows) > FOLD_ROWS)
+
+
+def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: AuditConfig, caption: str,
+                     dataset: str = "main") -> Table | None:
+    """One class's AUC matrix as a coloured table (the study's layout); CI, std and folds on hover.
+
+    Parameters
+    ----------
+    matrix : DataFrame
+        ``metrics/auc_matrix.parquet``.
+    class_name, split, dataset : str
+        Which rows of ``matrix``.
+    config : AuditConfig
+        Gives the order of training strategies (rows) and test strategies (columns).
+    caption : str
+        The table's caption.
+
+    Returns
+    -------
+    Table or None
+        None when the split has no AUC of this class.
+    """
+    from maskaudit.report.figures import auc_colour
+
+    part = matrix[(matrix["class"] == class_name) & (matrix["split"] == split) & (matrix["dataset"] == dataset)]
+    if part.empty or part["auc_mean"].isna().all():
+        return None
+    cells = part.set_index(["train_strategy", "test_strategy"])
+    tests = [s for s in config.eval_strategies if s in set(part["test_strategy"])]
+    table = Table(caption, ["train \\ test", *tests], corner=True)
+    for train in config.strategies:
+        row = [_cell(train, left=True)]
+        for test in tests:
+            if (train, test) not in cells.index:
+                row.append(_cell("n/a", title=f"{train}→{test}: not scored", style="background:#d9d9d9"))
+                continue
+            r = cells.loc[(train, test)]
+            background, text = auc_colour(float(r["auc_mean"]) if not _missing(r["auc_mean"]) else np.nan)
+            title = f"{train}→{test}: AUC {fmt_auc(r['auc_mean'], r['ci_low'], r['ci_high'])}"
+            if not _missing(r["auc_std"]):
+                title += f", ± {r['auc_std']:.3f} over {int(r['n_folds'])} folds"
+            if r.get("reason"):
+                title += f" ({r['reason']})"
+            value = "n/a" if _missing(r["auc_mean"]) else f"{r['auc_mean']:.3f}"
+            row.append(_cell(value, title=title, style=f"background:{background};color:{text}"))
+        table.rows.append(row)
+    return table
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
@@ -55,86 +253,321 @@ def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
         for name, idx in parts.items():
             row = {"split": name, "images": len(idx), "patients": kept.loc[idx, "patient_id"].nunique()}
             for k, cls in enumerate(store.classes):
-                row[f"{cls} +"] = int(np.nansum(store.labels[idx, k]))
+                positives = int(np.nansum(store.labels[idx, k]))
+                row[f"{cls} +"] = f"{positives} ({100 * positives / max(len(idx), 1):.0f} %)"
             rows.append(row)
         tables["splits"] = pd.DataFrame(rows)
     return tables
 
 
-def _table(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.is_file() else None
+def _status(audit: Audit, stages: dict, name: str) -> str:
+    """Why an analysis shows nothing (or a note it left), empty when it ran without one."""
+    if name not in audit.config.analyses.run:
+        return "not in analyses.run"
+    record = stages.get(name)
+    if not record:
+        return f"not run: run `maskaudit analyse {name}`"
+    return str(record.get("status", ""))
 
 
-def analysis_sections(audit: Audit) -> list[dict]:
-    """Each analysis's figures (inlined) and main table, or why it is absent."""
+def auc_sections(audit: Audit, matrix: pd.DataFrame | None) -> tuple[list[dict], list[Table]]:
+    """Per class: the heatmap figure and coloured hold-out table; then hold-out vs validation vs external."""
     run, config = audit.run, audit.config
-    figures = {
-        "baseline": [],
-        "explain": [run.figures / f"explain_full_full_{name}.png" for name in config.classes],
-        "embed": [run.figures / "tsne.png"],
-        "sweep": [run.figures / f"sweep_{s}.png" for s in config.analyses.sweep.train_strategies],
-        "reader": [],
-    }
-    tables = {
-        "baseline": (run.analysis("baseline") / "baseline_auc.parquet", "metadata baseline AUC per fold and mean"),
-        "explain": (run.analysis("explain") / "attribution_in_roi.parquet",
-                    "share of positive attribution inside the ROI (in_roi), the ROI's share of the image, ratio"),
-        "embed": (run.analysis("embed") / "cosine.parquet", "cosine similarity of full and masked embeddings"),
-        "sweep": (run.analysis("sweep") / "sweep.parquet", "AUC against the ROI's spread, mean ± std over folds"),
-        "reader": (run.analysis("reader") / "selection.parquet", "reader-study cases (the key to the blinded files)"),
-    }
-    stages = read_json(run.stages) if run.stages.is_file() else {}
-    sections = []
-    for name, (path, caption) in tables.items():
-        record = stages.get(name, {})
-        sections.append({
-            "name": name,
-            "status": ("not in analyses.run" if name not in config.analyses.run else
-                       record.get("status", "") if record else "not run"),
-            "figures": [uri for uri in map(_png_data_uri, figures[name]) if uri],
-            "table": _table(path) if record else None,
-            "caption": caption,
+    classes = []
+    for name in config.classes:
+        entry = {"name": name, "heatmap": inline_image(run.figures / f"auc_{name}.png", "heatmap"), "table": None}
+        if matrix is not None:
+            entry["table"] = auc_matrix_table(matrix, name, "test", config, f"{name}: hold-out AUC, mean of folds "
+                                                                              "(hover a cell for its 95 % CI)")
+        classes.append(entry)
+    if matrix is None:
+        return classes, []
+    splits = [("main", "test", "hold-out"), ("main", "val", "validation")]
+    splits += [(ext.name, "external", f"external: {ext.name}") for ext in config.external]
+    keyed = matrix.set_index(["dataset", "split", "class", "train_strategy", "test_strategy"]).sort_index()
+    present = [s for s in splits if (s[0], s[1]) in set(zip(matrix["dataset"], matrix["split"], strict=True))]
+    comparison = []
+    for name in config.classes:
+        diagonal = Table(f"{name}: AUC [95 % CI] of each model on its own masking, per split (mean of folds)",
+                         ["train → test", *[label for _, _, label in present]])
+        table = Table(f"{name}: every cell, per split", diagonal.header)
+        for train in config.strategies:
+            for test in config.eval_strategies:
+                row = [_cell(f"{train} → {test}", left=True)]
+                for dataset, split, _ in present:
+                    key = (dataset, split, name, train, test)
+                    if key in keyed.index:
+                        r = keyed.loc[key]
+                        row.append(_cell(fmt_auc(r["auc_mean"], r["ci_low"], r["ci_high"]) or "n/a"))
+                    else:
+                        row.append(_cell(""))
+                if any(c["text"] for c in row[1:]):
+                    table.rows.append(row)
+                    if train == test:
+                        diagonal.rows.append(row)
+        table.folded = True
+        comparison.append({"diagonal": diagonal, "all": table})
+    return classes, comparison
+
+
+def baseline_section(audit: Audit) -> dict:
+    """The metadata baseline's AUCs, its DeLong tests, and every model's fold-mean DeLong test vs full→full."""
+    run, config = audit.run, audit.config
+    tables = []
+    auc = _read(run.analysis("baseline") / "baseline_auc.parquet")
+    if auc is not None and len(auc):
+        means = auc[auc["fold"] == "mean"]
+        tables.append(frame_table(means, "metadata baseline: hold-out AUC [95 % CI], fold mean", {
+            "class": lambda r: str(r["class"]),
+            "AUC [95 % CI]": lambda r: fmt_auc(r["auc"], r["ci_low"], r["ci_high"]) or "n/a",
+            "positives": lambda r: _fmt(r["n_pos"]), "negatives": lambda r: _fmt(r["n_neg"]),
+            "note": lambda r: _fmt(r["reason"]),
+        }))
+    tests = _read(run.analysis("baseline") / "baseline_tests.parquet")
+    if tests is not None and len(tests):
+        means = tests[tests["fold"] == "mean"]
+        tables.append(frame_table(means, "DeLong test: metadata baseline against image models (fold mean)", {
+            "class": lambda r: str(r["class"]), "image model": lambda r: str(r["model"]),
+            "AUC baseline": lambda r: _fmt(r["auc_baseline"]), "AUC model": lambda r: _fmt(r["auc_model"]),
+            "difference": lambda r: _fmt(r["difference"]), "z": lambda r: _fmt(r["z"]),
+            "p": lambda r: fmt_p(r["p_value"]), "images": lambda r: _fmt(r["n_images"]),
+            "note": lambda r: _fmt(r["reason"]),
+        }))
+    delong = _read(run.metrics / "delong.parquet")
+    delong_tables = []
+    if delong is not None and len(delong):
+        means = delong[(delong["fold"] == "mean") & (delong["split"] == "test") & (delong["dataset"] == "main")]
+        for name in config.classes:
+            part = means[means["class"] == name]
+            if len(part):
+                table = frame_table(part, f"{name}: each model against {part['reference'].iloc[0]} "
+                                          "(DeLong, hold-out, fold mean)", {
+                    "train → test": lambda r: f"{r['train_strategy']} → {r['test_strategy']}",
+                    "AUC": lambda r: _fmt(r["auc"]), "AUC reference": lambda r: _fmt(r["auc_reference"]),
+                    "difference": lambda r: _fmt(r["difference"]), "z": lambda r: _fmt(r["z"]),
+                    "p": lambda r: fmt_p(r["p_value"]), "images": lambda r: _fmt(r["n_images"]),
+                    "note": lambda r: _fmt(r["reason"]),
+                })
+                table.folded = True
+                delong_tables.append(table)
+    return {"tables": tables, "delong": delong_tables}
+
+
+def explain_section(audit: Audit) -> dict:
+    """SHAP panels (one per explained pair and class) and the attribution-inside-ROI table."""
+    run, config = audit.run, audit.config
+    pairs = config.analyses.explain.pairs or [(s, s) for s in config.strategies]  # as analyses.stages.explain_pairs
+    panels = []
+    for train, test in pairs:
+        for name in config.classes:
+            uri = inline_image(run.figures / f"explain_{train}_{test}_{name}.png", "panel")
+            if uri:
+                panels.append({"caption": f"{name}: {train} → {test}", "uri": uri})
+    tables = []
+    roi = _read(run.analysis("explain") / "attribution_in_roi.parquet")
+    if roi is not None and len(roi):
+        table = Table("share of the positive attribution inside the ROI / the ROI's share of the image "
+                      "(× ratio; above 1: the attribution concentrates in the ROI); hover for the number of images",
+                      ["train → test", *config.classes])
+        keyed = roi.set_index(["train_strategy", "test_strategy", "class"])
+        for train, test in dict.fromkeys(zip(roi["train_strategy"], roi["test_strategy"], strict=True)):
+            row = [_cell(f"{train} → {test}", left=True)]
+            for name in config.classes:
+                if (train, test, name) not in keyed.index:
+                    row.append(_cell(""))
+                    continue
+                r = keyed.loc[(train, test, name)]
+                text = f"{_fmt(r['in_roi'])} / {_fmt(r['roi_area'])} (×{r['ratio']:.2f})" \
+                    if not _missing(r["ratio"]) else "n/a"
+                row.append(_cell(text, title=f"{int(r['n_images'])} images"))
+            table.rows.append(row)
+        tables.append(table)
+    return {"panels": panels, "tables": tables}
+
+
+def embed_section(audit: Audit) -> dict:
+    run = audit.run
+    cosine = _read(run.analysis("embed") / "cosine.parquet")
+    tables = []
+    if cosine is not None and len(cosine):
+        tables.append(frame_table(cosine, "cosine similarity between each image's full and masked embedding", {
+            "strategy": lambda r: str(r["strategy"]), "images": lambda r: str(r["group"]),
+            "mean ± std": lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}" if not _missing(r["std"]) else _fmt(r["mean"]),
+            "n": lambda r: _fmt(r["n"]),
+        }))
+    return {"figures": [u for u in [inline_image(run.figures / "tsne.png")] if u], "tables": tables}
+
+
+def sweep_section(audit: Audit) -> dict:
+    run, config = audit.run, audit.config
+    figures = [inline_image(run.figures / f"sweep_{s}.png") for s in config.analyses.sweep.train_strategies]
+    sweep = _read(run.analysis("sweep") / "sweep.parquet")
+    tables = []
+    if sweep is not None and len(sweep):
+        table = frame_table(sweep, "AUC against the ROI's dilation, mean ± std over folds", {
+            "train → test": lambda r: f"{r['train_strategy']} → {r['test_strategy']}",
+            "spread (at 512 px)": lambda r: _fmt(r["spread"]), "spread here (px)": lambda r: _fmt(r["spread_px"]),
+            "class": lambda r: str(r["class"]),
+            "AUC": lambda r: f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}" if not _missing(r["auc_mean"]) else "n/a",
+            "folds": lambda r: _fmt(r["n_folds"]),
         })
-    return sections
+        table.folded = True
+        tables.append(table)
+    return {"figures": [u for u in figures if u], "tables": tables}
+
+
+def reader_section(audit: Audit) -> dict:
+    """Thumbnails of the reader-study images with strategy, class, percentile and probability (not blinded)."""
+    run = audit.run
+    selection = _read(run.analysis("reader") / "selection.parquet")
+    groups: list[dict] = []
+    if selection is None:
+        return {"groups": groups, "tables": []}
+    labels = [c for c in selection.columns if c.startswith("label_")]
+    for strategy, part in selection.groupby("strategy", sort=False):
+        cases = []
+        for _, r in part.iterrows():
+            positive = [c.removeprefix("label_") for c in labels if r[c] == 1]
+            cases.append({
+                "uri": inline_image(run.analysis("reader") / "images" / str(r["file"]), "thumbnail"),
+                "file": str(r["file"]), "image_id": str(r["image_id"]), "class": str(r["class"]),
+                "percentile": f"{r['percentile']:g}", "probability": f"{r['probability']:.3f}",
+                "labels": ", ".join(positive) or "none",
+            })
+        by_class: dict[str, list[dict]] = {}
+        for case in cases:
+            by_class.setdefault(case["class"], []).append(case)
+        groups.append({"strategy": str(strategy), "classes": by_class})
+    return {"groups": groups, "tables": []}
+
+
+def training_section(audit: Audit) -> dict:
+    """Training curves per job (figure written to figures/training_curves.*) and each job's kept epoch."""
+    from maskaudit.report.figures import save_figure, training_curves
+
+    run, config = audit.run, audit.config
+    histories: dict[str, dict[int, pd.DataFrame]] = {}
+    rows = []
+    for strategy in config.strategies:
+        for fold in range(config.folds):
+            path = run.job(strategy, fold) / "history.csv"
+            if not path.is_file():
+                rows.append({"job": f"{strategy}/fold_{fold}", "epochs": "", "best epoch": "",
+                             "best val loss": "", "note": "no history.csv: not trained"})
+                continue
+            history = pd.read_csv(path)
+            histories.setdefault(strategy, {})[fold] = history
+            best = history[history["best"].astype(str).str.lower() == "true"] if "best" in history else history[:0]
+            kept = best.iloc[-1] if len(best) else None
+            rows.append({"job": f"{strategy}/fold_{fold}", "epochs": len(history),
+                         "best epoch": "" if kept is None else int(kept["epoch"]),
+                         "best val loss": "" if kept is None else f"{kept['val_loss']:.3f}", "note": ""})
+    uri = None
+    if histories:
+        save_figure(training_curves(histories), run.figures / "training_curves", config.report.formats)
+        uri = inline_image(run.figures / "training_curves.png")
+    table = frame_table(pd.DataFrame(rows), "each job's training: epochs run and the epoch kept (lowest "
+                                            "validation loss)", columns=["job", "epochs", "best epoch",
+                                                                         "best val loss", "note"])
+    return {"figure": uri, "table": table}
+
+
+def software_versions() -> list[tuple[str, str]]:
+    """Python and the versions of :data:`PACKAGES` installed (``not installed`` for a missing one)."""
+    versions = [("python", platform.python_version())]
+    for name in PACKAGES:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            versions.append((name, __version__ if name == "maskaudit" else "not installed"))
+    versions.append(("platform", platform.platform()))
+    return versions
+
+
+def stage_rows(stages: dict, config: AuditConfig) -> list[dict]:
+    """One row per stage: when it finished, its seconds and notes, or why it did not run."""
+    from maskaudit.pipeline import STAGES
+
+    skip = {"fingerprint", "finished", "seconds"}
+    rows = []
+    for name in STAGES:
+        record = stages.get(name)
+        if record is None and name != "report":
+            note = "not in analyses.run" if name in ANALYSIS_TITLES and name not in config.analyses.run \
+                else "not run"
+            rows.append({"name": name, "finished": "", "seconds": "", "note": note, "missing": True})
+            continue
+        if record is None:  # the report itself, written the first time
+            rows.append({"name": name, "finished": "", "seconds": "", "note": "this page", "missing": False})
+            continue
+        notes = [f"{k}: {_short(v)}" for k, v in record.items() if k not in skip]
+        rows.append({"name": name, "finished": record.get("finished", ""),
+                     "seconds": f"{record['seconds']:.1f}" if isinstance(record.get("seconds"), int | float) else "",
+                     "note": "; ".join(notes), "missing": False})
+    return rows
+
+
+def _short(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(_short, value))
+    return str(value)
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("maskaudit", "report/templates"), autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = _fmt
+    return env
 
 
 def write_report(audit: Audit) -> dict:
-    from maskaudit.pipeline import STAGES
+    """Render ``report.html`` from the run directory (see the module's docstring).
 
+    Parameters
+    ----------
+    audit : Audit
+        The run; only its files are read.
+
+    Returns
+    -------
+    dict
+        ``{"bytes": size of the report}``, recorded in ``stages.json``.
+    """
     run, config = audit.run, audit.config
-    env = Environment(loader=PackageLoader("maskaudit", "report/templates"),
-                      autoescape=select_autoescape(["html"]))
-    env.filters["fmt"] = _fmt
-    matrix_path = run.metrics / "auc_matrix.parquet"
-    matrix = pd.read_parquet(matrix_path) if matrix_path.is_file() else None
-    classes = []
-    for name in config.classes:
-        entry = {"name": name, "heatmap": _png_data_uri(run.figures / f"auc_{name}.png"), "tables": {}}
-        if matrix is not None:
-            from maskaudit.metrics import MAIN, matrix_of
-
-            panels = [(MAIN, "test", "hold-out test"), (MAIN, "val", "validation folds")]
-            panels += [(ext.name, "external", f"external: {ext.name}") for ext in config.external]
-            for dataset, split, caption in panels:
-                mean = matrix_of(matrix, name, split, config.strategies, config.eval_strategies, dataset=dataset)
-                if mean.notna().any().any():
-                    entry["tables"][caption] = mean
-        classes.append(entry)
+    matrix = _read(run.metrics / "auc_matrix.parquet")
     stages = read_json(run.stages) if run.stages.is_file() else {}
-    html = env.get_template("report.html").render(
-        verdicts=_table(run.analysis("verdict") / "verdict.parquet"),
-        verdict_colours={k: colour for k, (_, colour) in VERDICTS.items()},
-        analyses=analysis_sections(audit),
+    classes, comparison = auc_sections(audit, matrix)
+    verdicts = _read(run.analysis("verdict") / "verdict.parquet")
+    verdict_colours = {}
+    for key, (_, colour) in VERDICTS.items():
+        r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+        verdict_colours[key] = (colour, "#000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff")
+    analyses = {
+        "baseline": baseline_section(audit), "explain": explain_section(audit), "embed": embed_section(audit),
+        "sweep": sweep_section(audit), "reader": reader_section(audit),
+    }
+    for name, section in analyses.items():
+        section["status"] = _status(audit, stages, name)
+        section["title"] = ANALYSIS_TITLES[name]
+    html = _environment().get_template("report.html").render(
+        verdicts=verdicts,
+        verdict_status=_status(audit, stages, "verdict"),
+        verdict_colours=verdict_colours,
+        analyses=analyses,
         title=config.report.title,
         run=run.root.resolve(),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
         python=platform.python_version(),
         classes=classes,
+        comparison=comparison,
+        metrics_status="" if matrix is not None else "not run: run `maskaudit metrics`",
+        training=training_section(audit),
         data=data_tables(audit),
-        stages=stages,
-        stage_names=STAGES,
+        stages=stage_rows(stages, config),
+        versions=software_versions(),
         config_yaml=run.config.read_text(),
     )
     write_text(run.report, html)
-    return {"bytes": len(html)}
+    return {"bytes": len(html.encode())}
