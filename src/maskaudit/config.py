@@ -439,6 +439,11 @@ class AuditConfig(Strict):
     def classes(self) -> list[str]:
         return self.data.class_names
 
+    @property
+    def explain_pairs(self) -> list[tuple[str, str]]:
+        """The (train, test) pairs SHAP explains: ``analyses.explain.pairs``, else each strategy on its own masking."""
+        return [tuple(p) for p in self.analyses.explain.pairs or [(s, s) for s in self.strategies]]
+
 
 def _error_line(exc: ValidationError, origin: str) -> str:
     parts = []

@@ -141,12 +141,11 @@ def run_sweep_job(run_root: str, strategy: str, fold: int) -> dict:
 
 
 def explain_pairs(audit) -> list[tuple[str, str]]:
-    """The (train, test) pairs to explain: the config's, else each strategy on its own masking."""
-    c = audit.config
-    pairs = c.analyses.explain.pairs or [(s, s) for s in c.strategies]
+    """The (train, test) pairs to explain (:attr:`AuditConfig.explain_pairs`), each model checked to be trained."""
+    pairs = audit.config.explain_pairs
     for train, _ in pairs:
         _require_trained(audit, train, "explain.pairs")
-    return [tuple(p) for p in pairs]
+    return pairs
 
 
 def explained_images(store, test: np.ndarray, seed: int, per_class: int) -> dict[str, np.ndarray]:

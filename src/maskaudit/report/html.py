@@ -356,9 +356,8 @@ def baseline_section(audit: Audit) -> dict:
 def explain_section(audit: Audit) -> dict:
     """SHAP panels (one per explained pair and class) and the attribution-inside-ROI table."""
     run, config = audit.run, audit.config
-    pairs = config.analyses.explain.pairs or [(s, s) for s in config.strategies]  # as analyses.stages.explain_pairs
     panels = []
-    for train, test in pairs:
+    for train, test in config.explain_pairs:
         for name in config.classes:
             uri = inline_image(run.figures / f"explain_{train}_{test}_{name}.png", "panel")
             if uri:
