@@ -260,8 +260,19 @@ class Audit:
         self._stage("predict", work, force)
 
     def _job_predicted(self, strategy: str, fold: int) -> bool:
-        meta = self.run.job(strategy, fold) / "predictions.json"
-        return meta.is_file() and read_json(meta).get("fingerprint") == self.predict_fingerprint(strategy, fold)
+        return self.job_output_current(strategy, fold, "predictions", self.predict_fingerprint(strategy, fold))
+
+    def job_output_current(self, strategy: str, fold: int, name: str, fingerprint: str) -> bool:
+        """Whether job (strategy, fold) holds ``<name>.parquet`` made from inputs with ``fingerprint``."""
+        meta = self.run.job(strategy, fold) / f"{name}.json"
+        return meta.is_file() and read_json(meta).get("fingerprint") == fingerprint
+
+    def write_job_output(self, strategy: str, fold: int, name: str, table: pd.DataFrame, fingerprint: str) -> dict:
+        """Keep a job's table as ``<name>.parquet`` beside ``<name>.json`` (its inputs' fingerprint)."""
+        job_dir = self.run.job(strategy, fold)
+        write_table(job_dir / f"{name}.parquet", table)
+        write_json(job_dir / f"{name}.json", {"fingerprint": fingerprint, "rows": len(table)})
+        return {"rows": len(table)}
 
     def metrics(self, force: bool = False) -> None:
         from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of
@@ -316,7 +327,8 @@ class Audit:
         return self.run.report
 
 
-def _open_job(run_root: str) -> tuple[Audit, Store, Splits]:
+def open_job(run_root: str) -> tuple[Audit, Store, Splits]:
+    """What a job function opens first: the run's audit, its prepared store and its splits."""
     audit = Audit.open(Path(run_root))
     store = audit.store()
     return audit, store, audit.splits(store)
@@ -326,7 +338,7 @@ def run_train_job(run_root: str, strategy: str, fold: int) -> dict:
     """One training job, as a plain function of (run directory, strategy, fold)."""
     from maskaudit.train import train_job
 
-    audit, store, splits = _open_job(run_root)
+    audit, store, splits = open_job(run_root)
     return train_job(audit.config, store, splits, strategy, fold, audit.run.job(strategy, fold),
                      audit.job_fingerprint(strategy, fold))
 
@@ -335,10 +347,6 @@ def run_predict_job(run_root: str, strategy: str, fold: int) -> dict:
     """One job's cross-masking predictions, written into its folder."""
     from maskaudit.predict import predict_job
 
-    audit, store, splits = _open_job(run_root)
-    job_dir = audit.run.job(strategy, fold)
+    audit, store, splits = open_job(run_root)
     table = predict_job(audit.config, store, splits, audit.run, strategy, fold, audit.external_stores())
-    write_table(job_dir / "predictions.parquet", table)
-    write_json(job_dir / "predictions.json", {"fingerprint": audit.predict_fingerprint(strategy, fold),
-                                              "rows": len(table)})
-    return {"rows": len(table)}
+    return audit.write_job_output(strategy, fold, "predictions", table, audit.predict_fingerprint(strategy, fold))

@@ -25,7 +25,7 @@ from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN, prediction_sets
 from maskaudit.predict import job_model
 from maskaudit.report.figures import save_figure
-from maskaudit.rundir import read_json, write_json, write_table
+from maskaudit.rundir import write_table
 from maskaudit.seeds import derive_seed
 from maskaudit.stats import mean_difference_test
 
@@ -47,33 +47,17 @@ def _require_trained(audit, strategy: str, stage: str) -> None:
                              f"({', '.join(audit.config.strategies)})")
 
 
-def _job_current(audit, strategy: str, fold: int, name: str, fingerprint: str) -> bool:
-    meta = audit.run.job(strategy, fold) / f"{name}.json"
-    return meta.is_file() and read_json(meta).get("fingerprint") == fingerprint
-
-
 def _gather(audit, name: str, jobs: list[tuple[str, int]], job_fn) -> pd.DataFrame:
     """Run the stage's jobs whose results are missing or stale, then concatenate every job's table."""
-    todo = [(s, k) for s, k in jobs if not _job_current(audit, s, k, name, audit.analysis_job_fingerprint(name, s, k))]
+    todo = [(s, k) for s, k in jobs
+            if not audit.job_output_current(s, k, name, audit.analysis_job_fingerprint(name, s, k))]
     log.info("%s: %d of %d jobs to run", name, len(todo), len(jobs))
     make_executor(audit.config).map(job_fn, [(str(audit.run.root), s, k) for s, k in todo])
     return pd.concat([pd.read_parquet(audit.run.job(s, k) / f"{name}.parquet") for s, k in jobs], ignore_index=True)
 
 
-def _open_job(run_root: str):
-    from maskaudit.pipeline import Audit
-
-    audit = Audit.open(Path(run_root))
-    store = audit.store()
-    return audit, store, audit.splits(store)
-
-
 def _finish_job(audit, strategy: str, fold: int, name: str, table: pd.DataFrame) -> dict:
-    job_dir = audit.run.job(strategy, fold)
-    write_table(job_dir / f"{name}.parquet", table)
-    write_json(job_dir / f"{name}.json", {"fingerprint": audit.analysis_job_fingerprint(name, strategy, fold),
-                                          "rows": len(table)})
-    return {"rows": len(table)}
+    return audit.write_job_output(strategy, fold, name, table, audit.analysis_job_fingerprint(name, strategy, fold))
 
 
 # ------------------------------------------------------------------------------------------ baseline
@@ -129,8 +113,9 @@ def run_sweep(audit) -> dict:
 def run_sweep_job(run_root: str, strategy: str, fold: int) -> dict:
     """One model's dilation sweep on the hold-out images, kept in its job folder."""
     from maskaudit.analyses.sweep import sweep_predictions
+    from maskaudit.pipeline import open_job
 
-    audit, store, splits = _open_job(run_root)
+    audit, store, splits = open_job(run_root)
     device = resolve_device(audit.config.train.device)
     model = job_model(audit.config, store, audit.run, strategy, fold, device)
     table = sweep_predictions(model, store, splits.test, audit.config, strategy, fold, device)
@@ -203,8 +188,9 @@ def run_explain(audit) -> dict:
 def run_explain_job(run_root: str, strategy: str, fold: int) -> dict:
     """Attributions of one model for every pair it appears in, on each class's chosen positive images."""
     from maskaudit.analyses.explain import attribution_in_roi, explain
+    from maskaudit.pipeline import open_job
 
-    audit, store, splits = _open_job(run_root)
+    audit, store, splits = open_job(run_root)
     c, e = audit.config, audit.config.analyses.explain
     device = resolve_device(c.train.device)
     model = job_model(c, store, audit.run, strategy, fold, device)
