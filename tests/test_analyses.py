@@ -128,7 +128,7 @@ def test_reader_selection_takes_the_nearest_rank_percentiles_of_the_positives():
                                 "test_strategy": "no_roi", "image_id": [f"p{k}" for k in range(10)] + ["n0"],
                                 "class": "a", "label": [1.0] * 10 + [0.0],
                                 "probability": [*probabilities, 0.99]})
-    cases = select_cases(predictions, ["no_roi"], ["a"], fold=1, percentiles=[25, 50, 75])
+    cases = select_cases(predictions, [("no_roi", "no_roi")], ["a"], fold=1, percentiles=[25, 50, 75])
     # positions round(p/100 * 9) = 2, 5 (4.5 rounds half up), 7 of the positives sorted by probability
     assert cases["image_id"].tolist() == ["p2", "p5", "p7"]
     assert "n0" not in set(cases["image_id"])

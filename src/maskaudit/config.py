@@ -7,6 +7,7 @@ Unknown keys, wrong types and missing files are errors that name the key or the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -276,6 +277,89 @@ class TrainConfig(Strict):
 class PredictConfig(Strict):
     batch_size: int = Field(32, ge=1)
     validation: bool = Field(True, description="also predict each fold's validation split (SPEC §5)")
+    images: Literal["test", "all"] = Field(
+        "test", description="the images scored: the hold-out, or (probe only: nothing was trained) every image")
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+
+class ProbeInput(Strict):
+    """What a probed model expects: its input is made from the masked image, in [0, 1] at ``image_size``."""
+
+    size: int | None = Field(None, ge=8, description="resized (bilinear, antialiased) to this; default image_size")
+    channels: Literal[1, 3] | None = Field(None, description="gray → 3 copies, RGB → luminance; default the data's")
+    range: tuple[float, float] = Field((0.0, 1.0), description="[0, 1] mapped linearly onto this range, "
+                                                               "e.g. torchxrayvision's [-1024, 1024]")
+    mean: list[float] | None = Field(None, description="then (x - mean) / std per channel, e.g. ImageNet's")
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> ProbeInput:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("input.mean and input.std go together")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"input.std must be positive, got {self.std}")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError("input.mean and input.std need the same length")
+        return self
+
+
+class ProbeOutput(Strict):
+    """Which of a probed model's outputs is which of the dataset's classes, and what the outputs are."""
+
+    activation: Literal["auto", "sigmoid", "softmax", "none"] = Field(
+        "auto", description="sigmoid/softmax: the outputs are logits; none: already probabilities (or any score); "
+                            "auto: none for torchxrayvision models with their calibration, else sigmoid")
+    names: list[str] | None = Field(None, description="the model's outputs in order; torchxrayvision: its "
+                                                       "pathologies; otherwise required")
+    aliases: dict[str, list[str]] = Field(default_factory=dict,
+                                          description="dataset class → other names it goes by among the outputs")
+
+
+class ProbedModelConfig(Strict):
+    """A classifier trained elsewhere, audited as it is (``maskaudit probe``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the model's name in every table (train_strategy)")
+    source: Literal["python", "torchscript", "onnx", "torchxrayvision"]
+    entry_point: str | None = Field(None, description="python: 'package.module:function' returning an nn.Module")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="python: keyword arguments of it")
+    file: Path | None = Field(None, description="python: a state dict (loaded with weights_only=True); "
+                                                "torchscript, onnx: the model file")
+    weights: str | None = Field(None, description="torchxrayvision: the weights' name, e.g. densenet121-res224-all")
+    pretrained: bool = Field(True, description="torchxrayvision: false builds the same model untrained "
+                                               "(no download; for tests)")
+    input: ProbeInput = ProbeInput()
+    output: ProbeOutput = ProbeOutput()
+    layer: str | None = Field(None, description="embeddings: the module whose output is the image's embedding "
+                                                "(python, torchxrayvision); default the one before the classifier")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _xrv_input(cls, raw: Any) -> Any:
+        """torchxrayvision models take 1-channel images in [-1024, 1024] at the size their name gives
+        (``…-res224-…``): the input keys left out are filled in with these, so the written config says them."""
+        if not isinstance(raw, dict) or raw.get("source") != "torchxrayvision":
+            return raw
+        found = re.search(r"-res(\d+)", str(raw.get("weights") or ""))
+        given = raw.get("input") if isinstance(raw.get("input"), dict) else {}
+        defaults = {"size": int(found.group(1)) if found else 224, "channels": 1, "range": [-1024.0, 1024.0]}
+        return {**raw, "input": {**defaults, **given}}
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ProbedModelConfig:
+        if self.name in STRATEGIES:
+            raise ValueError(f"model name {self.name!r} is a strategy's name; choose another")
+        needed = {"python": ["entry_point"], "torchscript": ["file"], "onnx": ["file"], "torchxrayvision": ["weights"]}
+        for key in needed[self.source]:
+            if getattr(self, key) is None:
+                raise ValueError(f"model {self.name!r}: source {self.source} needs `{key}`")
+        if self.file is not None and not self.file.is_file():
+            raise ValueError(f"model {self.name!r}: file not found: {self.file}")
+        if self.source in ("torchscript", "onnx", "python") and self.output.names is None:
+            raise ValueError(f"model {self.name!r}: output.names (the model's outputs in order) is required "
+                             f"for source {self.source}")
+        return self
 
 
 class ReportConfig(Strict):
@@ -292,17 +376,18 @@ class ReportConfig(Strict):
 #: The analyses, in the order they run (SPEC §6, §8); ``verdict`` reads the others.
 ANALYSES = ("baseline", "explain", "embed", "sweep", "reader", "verdict")
 
-#: A (training strategy, test strategy) pair: one model scored on one masking.
-Pair = tuple[Strategy, Strategy]
+#: A (training strategy, test strategy) pair: one model scored on one masking. In a probe, the first is a
+#: probed model's name.
+Pair = tuple[str, Strategy]
 
 
 class BaselineConfig(Strict):
     """SPEC §6.1: logistic regression on metadata alone, compared with image models (DeLong)."""
 
-    compare: list[Pair] = Field(
-        default_factory=lambda: [("no_roi_bbox", "no_roi_bbox"), ("full", "full")],
-        description="image models (train, test) the baseline is tested against; the study used no_roi_bbox",
-    )
+    compare: list[Pair] | None = Field(
+        None, description="image models (train, test) the baseline is tested against; default "
+                          "no_roi_bbox→no_roi_bbox (the study's) and full→full; a probe: each model on "
+                          "no_roi_bbox and full")
     columns: list[str] | None = Field(None, description="metadata columns to use; default every one the data has")
 
 
@@ -326,7 +411,7 @@ class ExplainConfig(Strict):
 class EmbedConfig(Strict):
     """SPEC §6.3: the full model's penultimate features under every strategy; t-SNE and cosine similarity."""
 
-    train_strategy: Strategy = "full"
+    train_strategy: str | None = Field(None, description="whose model: default full (a probe: its first model)")
     fold: int = Field(0, ge=0)
     split: Literal["val", "test"] = Field("val", description="the study used fold 0's validation images")
     perplexity: float = Field(10.0, gt=0)
@@ -336,7 +421,8 @@ class EmbedConfig(Strict):
 class SweepConfig(Strict):
     """SPEC §6.4: AUC against the ROI's spread, for hold-out images under only_roi and no_roi."""
 
-    train_strategies: list[Strategy] = Field(default_factory=lambda: ["full"], min_length=1)
+    train_strategies: list[str] | None = Field(None, min_length=1,
+                                               description="whose models: default full (a probe: every model)")
     test_strategies: list[Literal["no_roi", "only_roi"]] = Field(
         default_factory=lambda: ["only_roi", "no_roi"], min_length=1
     )
@@ -405,6 +491,31 @@ class AuditConfig(Strict):
     workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
     executor: Literal["local", "ray"] = "local"
     external: list[ExternalDataset] = Field(default_factory=list)
+    models: list[ProbedModelConfig] = Field(
+        default_factory=list, description="probe: classifiers trained elsewhere, scored as they are instead of "
+                                          "training; `model: {source: ...}` is the one-model spelling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_probed_model(cls, raw: Any) -> Any:
+        """``model: {source: ...}`` names a model to probe, not one to train: it is ``models: [...]``."""
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "source" in raw["model"]:
+            if raw.get("models"):
+                raise ValueError("give the probed models either as `model` (one) or as `models` (a list), not both")
+            one = raw["model"]
+            default = one.get("weights") or Path(str(one.get("file") or "")).stem or \
+                str(one.get("entry_point") or "model").rpartition(":")[2]
+            raw = {**raw, "models": [{"name": default, **one}]}
+            del raw["model"]
+        return raw
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[ProbedModelConfig]) -> list[ProbedModelConfig]:
+        names = [m.name for m in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"probed model names must be distinct: {names}")
+        return value
 
     @field_validator("strategies", "test_strategies")
     @classmethod
@@ -429,7 +540,24 @@ class AuditConfig(Strict):
         for key, folds in named.items():
             if any(k >= self.folds for k in folds):
                 raise ValueError(f"{key}={folds}: folds are numbered 0..{self.folds - 1}")
+        if self.predict.images == "all" and not self.probing:
+            raise ValueError("predict.images=all scores training images: only a probe (nothing trained) may")
         return self
+
+    @property
+    def probing(self) -> bool:
+        """Whether this audit probes models trained elsewhere (``models``) instead of training its own."""
+        return bool(self.models)
+
+    @property
+    def train_strategies(self) -> list[str]:
+        """The prediction table's ``train_strategy`` values: the trained strategies, or the probed models' names."""
+        return [m.name for m in self.models] if self.probing else list(self.strategies)
+
+    @property
+    def model_folds(self) -> list[int]:
+        """The folds that have a model: every fold, or just 0 for a probed model (one model, nothing trained)."""
+        return [0] if self.probing else list(range(self.folds))
 
     @property
     def eval_strategies(self) -> list[str]:
@@ -441,8 +569,32 @@ class AuditConfig(Strict):
 
     @property
     def explain_pairs(self) -> list[tuple[str, str]]:
-        """The (train, test) pairs SHAP explains: ``analyses.explain.pairs``, else each strategy on its own masking."""
-        return [tuple(p) for p in self.analyses.explain.pairs or [(s, s) for s in self.strategies]]
+        """The (train, test) pairs SHAP explains: ``analyses.explain.pairs``, else each strategy on its own masking
+        (a probe: each model on full images, where the question is where it looks)."""
+        default = [(m, "full") for m in self.train_strategies] if self.probing else [(s, s) for s in self.strategies]
+        return [tuple(p) for p in self.analyses.explain.pairs or default]
+
+    @property
+    def baseline_pairs(self) -> list[tuple[str, str]]:
+        """The image models the metadata baseline is tested against (``analyses.baseline.compare``)."""
+        if self.analyses.baseline.compare is not None:
+            return [tuple(p) for p in self.analyses.baseline.compare]
+        if self.probing:
+            return [(m, t) for m in self.train_strategies for t in ("no_roi_bbox", "full") if t in self.eval_strategies]
+        return [("no_roi_bbox", "no_roi_bbox"), ("full", "full")]
+
+    @property
+    def sweep_models(self) -> list[str]:
+        """Whose models the dilation sweep runs: ``analyses.sweep.train_strategies``, else full (a probe: all)."""
+        return list(self.analyses.sweep.train_strategies or (self.train_strategies if self.probing else ["full"]))
+
+    @property
+    def embed_model(self) -> str | None:
+        """Whose features are embedded: ``analyses.embed.train_strategy``, else full (a probe: its first model
+        whose layers can be hooked, a python or torchxrayvision one; None when it has none)."""
+        if self.analyses.embed.train_strategy or not self.probing:
+            return self.analyses.embed.train_strategy or "full"
+        return next((m.name for m in self.models if m.source in ("python", "torchxrayvision")), None)
 
 
 def _error_line(exc: ValidationError, origin: str) -> str:
@@ -472,9 +624,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 path = Path(data[key]).expanduser()
                 data[key] = str(path if path.is_absolute() else (base / path))
     model = raw.get("model")
-    if isinstance(model, dict) and model.get("weights") not in (None, "imagenet", "none"):
+    if isinstance(model, dict) and "source" not in model and model.get("weights") not in (None, "imagenet", "none"):
         weights = Path(str(model["weights"])).expanduser()
         model["weights"] = str(weights if weights.is_absolute() else (base / weights))
+    probed = [model] if isinstance(model, dict) and "source" in model else []
+    probed += [m for m in raw.get("models") or [] if isinstance(m, dict)]
+    for each in probed:
+        if isinstance(each.get("file"), str):
+            path = Path(each["file"]).expanduser()
+            each["file"] = str(path if path.is_absolute() else (base / path))
     return raw
 
 

@@ -131,6 +131,11 @@ class Audit:
 
     def job_fingerprint(self, strategy: str, fold: int) -> str:
         c = self.config
+        if c.probing:  # a probed model: its declaration and its file, scored on the split's images
+            probed = next(m for m in c.models if m.name == strategy)
+            stat = probed.file.stat() if probed.file is not None and probed.file.is_file() else None
+            return _hash("probe", self.fingerprint("split"), probed.model_dump(mode="json"),
+                         (stat.st_size, stat.st_mtime_ns) if stat else None, c.spread, c.fill, c.roi)
         return _hash("job", self.fingerprint("split"), strategy, fold, c.model.model_dump(mode="json"),
                      c.train.model_dump(mode="json", exclude={"num_workers", "device"}), c.spread, c.fill,
                      c.roi)
@@ -143,7 +148,8 @@ class Audit:
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
-        return [(s, k) for s in self.config.strategies for k in range(self.config.folds)]
+        """(training strategy, fold) of every model; a probe has one job per probed model (fold 0)."""
+        return [(s, k) for s in self.config.train_strategies for k in self.config.model_folds]
 
     # ------------------------------------------------------------------ stage bookkeeping
 
@@ -230,6 +236,10 @@ class Audit:
         return load_splits(self.run.splits, store.kept)
 
     def train(self, only: list[tuple[str, int]] | None = None, force: bool = False) -> None:
+        if self.config.probing:
+            raise MaskauditError("this config probes models trained elsewhere (`models`): there is nothing to "
+                                 "train; run `maskaudit probe`")
+
         def work() -> None:
             todo = [job for job in (only or self.jobs) if force or not self.job_done(*job)]
             log.info("train: %d of %d jobs to run", len(todo), len(self.jobs))
@@ -241,8 +251,11 @@ class Audit:
         self._stage("train", work, force)
 
     def job_done(self, strategy: str, fold: int) -> bool:
+        """Whether the job's model exists: trained and current, or (a probe) given."""
         from maskaudit.train import job_finished
 
+        if self.config.probing:
+            return True
         return job_finished(self.run.job(strategy, fold), self.job_fingerprint(strategy, fold))
 
     def predict(self, force: bool = False) -> None:
@@ -292,9 +305,11 @@ class Audit:
             panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.external_configs()]
             for dataset, split, label, file_name in panels:
                 for name in c.classes:
-                    mean, std = (matrix_of(matrix, name, split, c.strategies, c.eval_strategies, value, dataset)
-                                 for value in ("auc_mean", "auc_std"))
-                    fig = auc_heatmap(mean, std, f"{name}: {label} AUC, mean of {c.folds} folds")
+                    mean, std = (matrix_of(matrix, name, split, c.train_strategies, c.eval_strategies, value,
+                                           dataset) for value in ("auc_mean", "auc_std"))
+                    of = "probed models" if c.probing else f"mean of {c.folds} folds"
+                    fig = auc_heatmap(mean, std, f"{name}: {label} AUC, {of}",
+                                      "probed model" if c.probing else "training masking")
                     save_figure(fig, self.run.figures / file_name.format(name), self.config.report.formats)
 
         self._stage("metrics", work, force)
@@ -315,9 +330,11 @@ class Audit:
         self._stage("report", lambda: write_report(self), force)
 
     def run_all(self) -> Path:
+        """Every stage in order (``maskaudit run``; ``maskaudit probe`` for a config of probed models)."""
         self.prepare()
         self.split()
-        self.train()
+        if not self.config.probing:
+            self.train()
         self.predict()
         self.metrics()
         for name in ANALYSES:

@@ -24,9 +24,21 @@ from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN
 from maskaudit.models import build_model, load_checkpoint
-from maskaudit.rundir import RunDir
+from maskaudit.rundir import RunDir, write_json
 
 COLUMNS = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
+
+
+def probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities: a probed model applies its own activation; maskaudit's models emit logits."""
+    if hasattr(model, "probabilities"):
+        return model.probabilities(images).float()
+    return torch.sigmoid(model(images).float())
+
+
+def scored_images(config: AuditConfig, store: Store, splits: Splits) -> np.ndarray:
+    """The store indices the models are scored on: the hold-out, or every image (``predict.images: all``)."""
+    return np.arange(store.n) if config.predict.images == "all" else splits.test
 
 
 def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
@@ -38,8 +50,7 @@ def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, te
         for batch in batches(store, indices, config, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for strategy in test_strategies:
-                logits = model(batch.masked(strategy, config, store)).float()
-                out[strategy].append(torch.sigmoid(logits).cpu().numpy())
+                out[strategy].append(probabilities(model, batch.masked(strategy, config, store)).cpu().numpy())
     n_classes = model.n_classes
     return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
 
@@ -74,7 +85,15 @@ def scorable_strategies(config: AuditConfig, store: Store) -> list[str]:
 
 def job_model(config: AuditConfig, store: Store, run: RunDir, strategy: str, fold: int,
               device: torch.device) -> torch.nn.Module:
-    """The trained model of job (strategy, fold), in eval mode on ``device``."""
+    """The model of job (strategy, fold), in eval mode on ``device``: trained by the run, or the probed model
+    named ``strategy`` (see :mod:`maskaudit.probe`)."""
+    if config.probing:
+        from maskaudit.probe import load_probed_model
+
+        probed = {m.name: m for m in config.models}
+        if strategy not in probed:
+            raise MaskauditError(f"no probed model named {strategy!r} (models: {', '.join(probed)})")
+        return load_probed_model(probed[strategy], store.classes, store.channels, device, store.image_size)
     model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
                         in_channels=store.channels)
     load_checkpoint(model, run.job(strategy, fold) / "model.pt")
@@ -83,14 +102,16 @@ def job_model(config: AuditConfig, store: Store, run: RunDir, strategy: str, fol
 
 def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
                 fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
-    """The job's model on the hold-out set, its validation fold and every external image.
+    """The job's model on the hold-out set (a probe: or every image), its validation fold and every external image.
 
     ``externals`` maps each external dataset's name to its config (with its ROI) and store.
     """
     device = resolve_device(config.train.device)
     model = job_model(config, store, run, strategy, fold, device)
-    parts = {"test": splits.test}
-    if config.predict.validation:
+    if config.probing:  # what the probed model was fed and which output became which class, for the report
+        write_json(run.job(strategy, fold) / "probe.json", model.describe())
+    parts = {"test": scored_images(config, store, splits)}
+    if config.predict.validation and not config.probing:
         parts["val"] = splits.val(fold)
     frames = []
     for split, indices in parts.items():

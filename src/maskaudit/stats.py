@@ -87,6 +87,8 @@ def _screen(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
     labels, scores = labels[known], scores[:, known]
     if labels.size == 0:
         return labels, scores, "class not labelled in this data"
+    if np.isnan(scores).all():
+        return labels, scores, "class not predicted by the model"
     if not np.isfinite(scores).all():
         return labels, scores, "non-finite probabilities"
     values = np.unique(labels)

@@ -1,14 +1,16 @@
 """Reader-study selection (SPEC §6.5): the images a clinician reads, as each model saw them.
 
 For each strategy's own model (one fold: the study's fold 1) on the hold-out images masked
-with that same strategy, and for each class, the positive images are sorted by the model's
+with that same strategy (a probe: each probed model on each test masking), and for each class,
+the positive images are sorted by the model's
 probability and the images at the chosen percentiles (25th, 50th, 75th) are taken: the
 nearest rank ``round(p / 100 * (n - 1))`` of the sorted positives. Each is saved as the masked
 image the model was fed (the run's spread and fill), as an 8- or 16-bit PNG at the store's
 resolution, under a blinded name: a keyed hash of the run's seed and the case, so the name
 tells nothing about the image, strategy or class and stays the same when the stage is rerun.
-``selection.csv`` is the key: blinded file, image id, strategy, class, percentile,
-probability and every label of the image.
+``selection.csv`` is the key: blinded file, image id, strategy (the masking shown), model
+(its training strategy, or the probed model), fold, class, percentile, probability and every
+label of the image.
 """
 
 from __future__ import annotations
@@ -31,29 +33,39 @@ from maskaudit.rundir import atomic_path
 
 def study_fold(config: AuditConfig) -> int:
     """The fold whose models are read: ``analyses.reader.fold``, else 1 as the study (0 with one fold)."""
+    if config.probing:
+        return config.model_folds[0]
     chosen = config.analyses.reader.fold
     return chosen if chosen is not None else min(1, config.folds - 1)
 
 
-def blinded_name(seed: int, strategy: str, class_name: str, image_id: str) -> str:
+def reader_pairs(config: AuditConfig) -> list[tuple[str, str]]:
+    """(model, masking) pairs whose cases are read: each strategy's own model (a probe: each model × masking)."""
+    if config.probing:
+        return [(m, t) for m in config.train_strategies for t in config.eval_strategies]
+    return [(s, s) for s in config.strategies if s in config.eval_strategies]
+
+
+def blinded_name(seed: int, strategy: str, class_name: str, image_id: str, model: str | None = None) -> str:
     key = hashlib.sha256(f"maskaudit-reader-{seed}".encode()).digest()
-    return hmac.new(key, f"{strategy}\0{class_name}\0{image_id}".encode(), hashlib.sha256).hexdigest()[:16] + ".png"
+    case = f"{strategy}\0{class_name}\0{image_id}" + ("" if model in (None, strategy) else f"\0{model}")
+    return hmac.new(key, case.encode(), hashlib.sha256).hexdigest()[:16] + ".png"
 
 
-def select_cases(predictions: pd.DataFrame, strategies: list[str], classes: list[str], fold: int,
+def select_cases(predictions: pd.DataFrame, pairs: list[tuple[str, str]], classes: list[str], fold: int,
                  percentiles: list[float]) -> pd.DataFrame:
-    """Per strategy and class, the positives at each percentile of the own-strategy model's probability.
+    """Per (model, masking) pair and class, the positives at each percentile of the model's probability.
 
     Returns
     -------
     DataFrame
-        ``strategy``, ``class``, ``percentile``, ``image_id``, ``probability``, ``n_positives``;
-        a (strategy, class) without positives gives no row.
+        ``strategy`` (the masking), ``model``, ``fold``, ``class``, ``percentile``, ``image_id``,
+        ``probability``, ``n_positives``; a pair and class without positives give no row.
     """
     rows = []
-    for strategy in strategies:
+    for model, strategy in pairs:
         for name in classes:
-            frame = prediction_sets(predictions, name, strategy, strategy).get(fold)
+            frame = prediction_sets(predictions, name, model, strategy).get(fold)
             if frame is None:
                 continue
             positives = frame[frame["label"] == 1].sort_values(["probability", "image_id"], kind="stable")
@@ -62,9 +74,11 @@ def select_cases(predictions: pd.DataFrame, strategies: list[str], classes: list
                 if n == 0:
                     continue
                 pick = positives.iloc[int(np.floor(p / 100 * (n - 1) + 0.5))]
-                rows.append({"strategy": strategy, "class": name, "percentile": p, "image_id": pick["image_id"],
-                             "probability": float(pick["probability"]), "n_positives": n})
-    return pd.DataFrame(rows, columns=["strategy", "class", "percentile", "image_id", "probability", "n_positives"])
+                rows.append({"strategy": strategy, "model": model, "fold": fold, "class": name, "percentile": p,
+                             "image_id": pick["image_id"], "probability": float(pick["probability"]),
+                             "n_positives": n})
+    return pd.DataFrame(rows, columns=["strategy", "model", "fold", "class", "percentile", "image_id", "probability",
+                                       "n_positives"])
 
 
 def export_cases(cases: pd.DataFrame, store: Store, config: AuditConfig, out: Path) -> pd.DataFrame:
@@ -73,8 +87,8 @@ def export_cases(cases: pd.DataFrame, store: Store, config: AuditConfig, out: Pa
     images_dir.mkdir(parents=True, exist_ok=True)
     row_of = {image_id: i for i, image_id in enumerate(store.kept["image_id"])}
     key = cases.copy()
-    key["file"] = [blinded_name(config.seed, s, c, i)
-                   for s, c, i in zip(key["strategy"], key["class"], key["image_id"], strict=True)]
+    key["file"] = [blinded_name(config.seed, s, c, i, m)
+                   for s, c, i, m in zip(key["strategy"], key["class"], key["image_id"], key["model"], strict=True)]
     for name in store.classes:
         key[f"label_{name}"] = [store.labels[row_of[i], store.classes.index(name)] for i in key["image_id"]]
     for strategy, part in key.groupby("strategy", sort=False):
@@ -86,7 +100,7 @@ def export_cases(cases: pd.DataFrame, store: Store, config: AuditConfig, out: Pa
             for image in masked:
                 _save_png(image, store.image_max, images_dir / files[done])
                 done += 1
-    return key[["file", "image_id", "strategy", "class", "percentile", "probability", "n_positives",
+    return key[["file", "image_id", "strategy", "model", "fold", "class", "percentile", "probability", "n_positives",
                 *[f"label_{n}" for n in store.classes]]]
 
 

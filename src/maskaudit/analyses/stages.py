@@ -23,7 +23,7 @@ from maskaudit.errors import MaskauditError
 from maskaudit.executors import make_executor
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN, prediction_sets
-from maskaudit.predict import job_model
+from maskaudit.predict import job_model, probabilities, scored_images
 from maskaudit.report.figures import save_figure
 from maskaudit.rundir import write_table
 from maskaudit.seeds import derive_seed
@@ -42,9 +42,10 @@ def _predictions(audit) -> pd.DataFrame:
 
 
 def _require_trained(audit, strategy: str, stage: str) -> None:
-    if strategy not in audit.config.strategies:
-        raise MaskauditError(f"analyses.{stage}: {strategy!r} is not one of this run's strategies "
-                             f"({', '.join(audit.config.strategies)})")
+    models = audit.config.train_strategies
+    if strategy not in models:
+        what = "probed models" if audit.config.probing else "strategies"
+        raise MaskauditError(f"analyses.{stage}: {strategy!r} is not one of this run's {what} ({', '.join(models)})")
 
 
 def _gather(audit, name: str, jobs: list[tuple[str, int]], job_fn) -> pd.DataFrame:
@@ -71,13 +72,17 @@ def run_baseline(audit) -> dict:
     store = audit.store()
     splits = audit.splits(store)
     columns = metadata_columns(store.metadata_columns, c.analyses.baseline.columns)
+    if c.predict.images == "all":
+        for name in ("baseline_auc", "baseline_tests"):
+            write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
+        return {"status": "every image was scored (predict.images: all): no held-out images for a baseline"}
     if not columns:
         for name in ("baseline_auc", "baseline_tests"):
             write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
         return {"status": "this data has no metadata: no baseline"}
     train = {k: splits.train(k) for k in range(c.folds)}
     predictions, fits = baseline_predictions(store.kept, store.labels, store.classes, columns, train, splits.test)
-    aucs, tests = baseline_tables(predictions, _predictions(audit), store.classes, c.analyses.baseline.compare,
+    aucs, tests = baseline_tables(predictions, _predictions(audit), store.classes, c.baseline_pairs,
                                   c.analyses.level)
     write_table(out / "predictions.parquet", predictions)
     write_table(out / "fits.parquet", fits, csv=True)
@@ -95,16 +100,16 @@ def run_sweep(audit) -> dict:
     c = audit.config
     if not audit.store().rois:
         return {"status": "this data has no ROI masks: no dilation sweep"}
-    for strategy in c.analyses.sweep.train_strategies:
+    for strategy in c.sweep_models:
         _require_trained(audit, strategy, "sweep")
-    jobs = [(s, k) for s in c.analyses.sweep.train_strategies for k in range(c.folds)]
+    jobs = [(s, k) for s in c.sweep_models for k in c.model_folds]
     predictions = _gather(audit, "sweep", jobs, run_sweep_job)
     by_fold, summary = sweep_aucs(predictions)
     out = audit.run.analysis("sweep")
     write_table(out / "predictions.parquet", predictions)
     write_table(out / "sweep_by_fold.parquet", by_fold, csv=True)
     write_table(out / "sweep.parquet", summary, csv=True)
-    for strategy in c.analyses.sweep.train_strategies:
+    for strategy in c.sweep_models:
         save_figure(sweep_figure(summary, strategy, c.image_size), audit.run.figures / f"sweep_{strategy}",
                     c.report.formats)
     return {"rows": len(predictions)}
@@ -118,7 +123,8 @@ def run_sweep_job(run_root: str, strategy: str, fold: int) -> dict:
     audit, store, splits = open_job(run_root)
     device = resolve_device(audit.config.train.device)
     model = job_model(audit.config, store, audit.run, strategy, fold, device)
-    table = sweep_predictions(model, store, splits.test, audit.config, strategy, fold, device)
+    indices = scored_images(audit.config, store, splits)
+    table = sweep_predictions(model, store, indices, audit.config, strategy, fold, device)
     return _finish_job(audit, strategy, fold, "sweep", table)
 
 
@@ -160,7 +166,7 @@ def run_explain(audit) -> dict:
     c = audit.config
     pairs = explain_pairs(audit)
     jobs = sorted({(train, k) for train, _ in pairs for k in c.analyses.explain.folds},
-                  key=lambda j: (c.strategies.index(j[0]), j[1]))
+                  key=lambda j: (c.train_strategies.index(j[0]), j[1]))
     table = _gather(audit, "explain", jobs, run_explain_job)
     out = audit.run.analysis("explain")
     write_table(out / "attribution.parquet", table, csv=True)
@@ -194,7 +200,7 @@ def run_explain_job(run_root: str, strategy: str, fold: int) -> dict:
     c, e = audit.config, audit.config.analyses.explain
     device = resolve_device(c.train.device)
     model = job_model(c, store, audit.run, strategy, fold, device)
-    chosen = explained_images(store, splits.test, c.seed, e.images_per_class)
+    chosen = explained_images(store, scored_images(c, store, splits), c.seed, e.images_per_class)
     frames, images_out, attributions_out, rois_out = [], [], [], []
     offset = 0
     for train, test in (p for p in explain_pairs(audit) if p[0] == strategy):
@@ -210,7 +216,9 @@ def run_explain_job(run_root: str, strategy: str, fold: int) -> dict:
                 continue
             images, roi = _stack(store, indices, test, c, device)
             with torch.no_grad():
-                probability = torch.sigmoid(model(images)[:, k].float()).cpu().numpy()
+                probability = probabilities(model, images)[:, k].cpu().numpy()
+            if np.isnan(probability).all():  # a probed model that does not predict this class
+                continue
             attributions = explain(model, images, k, e.method, masker=e.masker, max_evals=e.max_evals,
                                    batch_size=e.batch_size, background=background,
                                    seed=derive_seed(c.seed, "explain", strategy, fold, name) % 2**32)
@@ -252,7 +260,10 @@ def run_embed(audit) -> dict:
     from maskaudit.predict import scorable_strategies
 
     c, e = audit.config, audit.config.analyses.embed
-    _require_trained(audit, e.train_strategy, "embed.train_strategy")
+    if c.embed_model is None:
+        return {"status": "no probed model exposes its layers (embeddings need a python or torchxrayvision "
+                          "model; TorchScript and ONNX models are sealed): no embeddings"}
+    _require_trained(audit, c.embed_model, "embed.train_strategy")
     store = audit.store()
     splits = audit.splits(store)
     indices = splits.val(e.fold) if e.split == "val" else splits.test
@@ -263,7 +274,8 @@ def run_embed(audit) -> dict:
     if "full" not in strategies:
         strategies = ["full", *strategies]
     device = resolve_device(c.train.device)
-    model = job_model(c, store, audit.run, e.train_strategy, e.fold, device)
+    fold = c.model_folds[0] if c.probing else e.fold
+    model = job_model(c, store, audit.run, c.embed_model, fold, device)
     embeddings = embed_images(model, store, indices, strategies, c, device)
     cosine = cosine_table(embeddings, store.labels[indices], store.classes)
     xy, perplexity = tsne_points(embeddings, e.perplexity, derive_seed(c.seed, "tsne") % 2**32)
@@ -274,7 +286,7 @@ def run_embed(audit) -> dict:
     write_table(out / "cosine.parquet", cosine, csv=True)
     write_table(out / "tsne.parquet", points, csv=True)
     _save_npz(out / "embeddings.npz", {"image_id": image_ids.astype(str), **embeddings})
-    title = (f"t-SNE of {e.train_strategy} model (fold {e.fold}) features, {len(indices)} {e.split} images, "
+    title = (f"t-SNE of {c.embed_model} model (fold {fold}) features, {len(indices)} {e.split} images, "
              f"perplexity {perplexity:g}")
     save_figure(tsne_figure(points, title), audit.run.figures / "tsne", c.report.formats)
     return {"images": int(len(indices)), "perplexity": perplexity}
@@ -284,13 +296,12 @@ def run_embed(audit) -> dict:
 
 
 def run_reader(audit) -> dict:
-    from maskaudit.analyses.reader_selection import export_cases, select_cases, study_fold
+    from maskaudit.analyses.reader_selection import export_cases, reader_pairs, select_cases, study_fold
 
     c = audit.config
     store = audit.store()
     fold = study_fold(c)
-    strategies = [s for s in c.strategies if s in c.eval_strategies]
-    cases = select_cases(_predictions(audit), strategies, store.classes, fold, c.analyses.reader.percentiles)
+    cases = select_cases(_predictions(audit), reader_pairs(c), store.classes, fold, c.analyses.reader.percentiles)
     out = audit.run.analysis("reader")
     key = export_cases(cases, store, c, out)
     write_table(out / "selection.parquet", key, csv=True)
@@ -301,27 +312,42 @@ def run_reader(audit) -> dict:
 
 
 def run_verdict(audit) -> dict:
-    from maskaudit.analyses.verdict import class_verdict
+    """One verdict per class (a probe: per probed model and class), from the hold-out AUC matrix."""
+    from maskaudit.analyses.verdict import EVIDENCE, VERDICTS, class_verdict, probe_evidence
 
     c = audit.config
     matrix = pd.read_parquet(audit.run.metrics / "auc_matrix.parquet")
     matrix = matrix[(matrix["dataset"] == MAIN) & (matrix["split"] == "test")]
-    baseline = _baseline_evidence(audit, _predictions(audit))
-    attribution = _attribution_evidence(audit)
+    predictions = _predictions(audit)
+    models = {m: probe_evidence(m) for m in c.train_strategies} if c.probing else {"": EVIDENCE}
+    cells = {cell for evidence in models.values() for candidates in evidence.values() for cell in candidates}
+    baseline = _baseline_evidence(audit, predictions, cells)
     rows = []
-    for name in c.classes:
-        cells = matrix[matrix["class"] == name].set_index(["train_strategy", "test_strategy"])
-        rows.append({"class": name, **class_verdict(cells, c.analyses.verdict, baseline.get(name),
-                                                     attribution.get(name))})
+    for model, evidence in models.items():
+        attribution = _attribution_evidence(audit, *evidence["full"][0])
+        for name in c.classes:
+            cells = matrix[matrix["class"] == name].set_index(["train_strategy", "test_strategy"])
+            row = {"model": model, "class": name}
+            if c.probing and predictions.loc[(predictions["train_strategy"] == model)
+                                             & (predictions["class"] == name), "probability"].isna().all():
+                row |= {"verdict": "not_predicted", "label": VERDICTS["not_predicted"][0],
+                        "reading": f"The model {model} has no output for {name}: none of its outputs' names matches "
+                                   "the class or its aliases (output.aliases), so nothing is guessed."}
+            else:
+                row |= class_verdict(cells, c.analyses.verdict, baseline.get(name), attribution.get(name),
+                                     evidence if c.probing else None)
+            rows.append(row)
     table = pd.DataFrame(rows)
+    if not c.probing:
+        table = table.drop(columns="model")
     write_table(audit.run.analysis("verdict") / "verdict.parquet", table, csv=True)
-    return {"verdicts": dict(zip(table["class"], table["verdict"], strict=True))}
+    return {"verdicts": [f"{m + ': ' if m else ''}{k} {v}" for m, k, v in zip(
+        table.get("model", [""] * len(table)), table["class"], table["verdict"], strict=True)]}
 
 
-def _baseline_evidence(audit, predictions: pd.DataFrame) -> dict[str, dict]:
-    """Per class: the baseline's fold-mean AUC and CI, and DeLong's test of every verdict cell against it."""
+def _baseline_evidence(audit, predictions: pd.DataFrame, cells: set[tuple[str, str]]) -> dict[str, dict]:
+    """Per class: the baseline's fold-mean AUC and CI, and DeLong's test of each of ``cells`` against it."""
     from maskaudit.analyses.baseline import METADATA
-    from maskaudit.analyses.verdict import EVIDENCE
 
     out = audit.run.analysis("baseline")
     if "baseline" not in audit.config.analyses.run or not (out / "predictions.parquet").is_file():
@@ -329,7 +355,6 @@ def _baseline_evidence(audit, predictions: pd.DataFrame) -> dict[str, dict]:
     aucs = pd.read_parquet(out / "baseline_auc.parquet")
     means = aucs[aucs["fold"] == "mean"].set_index("class")
     baseline = pd.read_parquet(out / "predictions.parquet")
-    cells = {cell for candidates in EVIDENCE.values() for cell in candidates}
     evidence = {}
     for name, row in means.iterrows():
         base_sets = prediction_sets(baseline, name, METADATA, METADATA)
@@ -344,14 +369,15 @@ def _baseline_evidence(audit, predictions: pd.DataFrame) -> dict[str, dict]:
     return evidence
 
 
-def _attribution_evidence(audit) -> dict[str, dict]:
+def _attribution_evidence(audit, train: str, test: str) -> dict[str, dict]:
+    """Per class: the share of positive attribution inside the ROI for the model ``train`` on ``test`` images."""
     path = audit.run.analysis("explain") / "attribution_in_roi.parquet"
     if "explain" not in audit.config.analyses.run or not path.is_file():
         return {}
     table = pd.read_parquet(path)
-    full = table[(table["train_strategy"] == "full") & (table["test_strategy"] == "full")]
+    chosen = table[(table["train_strategy"] == train) & (table["test_strategy"] == test)]
     return {row["class"]: {"in_roi": row["in_roi"], "roi_area": row["roi_area"], "ratio": row["ratio"]}
-            for _, row in full.iterrows()}
+            for _, row in chosen.iterrows()}
 
 
 ANALYSIS_FUNCTIONS = {"baseline": run_baseline, "explain": run_explain, "embed": run_embed, "sweep": run_sweep,

@@ -20,6 +20,7 @@ from maskaudit.data.store import Store
 from maskaudit.loader import batches
 from maskaudit.masking import scale_spread
 from maskaudit.metrics import MAIN
+from maskaudit.predict import probabilities
 from maskaudit.stats import class_auc
 
 KEYS = ["train_strategy", "test_strategy", "spread", "spread_px", "class"]
@@ -47,8 +48,8 @@ def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray,
             for px in unique_px:
                 grown = batch.at_spread(px)
                 for test_strategy in sweep.test_strategies:
-                    logits = model(grown.masked(test_strategy, config, store)).float()
-                    out[test_strategy, px].append(torch.sigmoid(logits).cpu().numpy())
+                    scores = probabilities(model, grown.masked(test_strategy, config, store))
+                    out[test_strategy, px].append(scores.cpu().numpy())
     image_ids = store.kept["image_id"].to_numpy()[indices]
     frames = []
     for test_strategy in sweep.test_strategies:

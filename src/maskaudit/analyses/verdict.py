@@ -31,6 +31,16 @@ The rules, in order; the first that applies is the verdict:
 The share of positive attribution inside the ROI (``explain``) is reported beside the verdict as
 supporting evidence, not used by the rules: attribution maps are not calibrated enough to overrule
 models trained without the ROI.
+
+**A probe** (``maskaudit probe``: one model trained elsewhere, nothing trained on masked images) reads
+each probed model's own cells (:func:`probe_evidence`): ``full`` the model on full images, ``inside``
+the model on ``only_roi``/``only_roi_bbox`` images, ``outside`` on ``no_roi_bbox``/``no_roi`` images,
+and no ``shape`` cell. The rules are the same, one verdict per model and class, and every reading
+says what a probe cannot show: signal that *survives* masking is evidence (the model finds the class
+without the ROI, or with the ROI alone); signal *lost* under masking may be the masked images being
+unlike anything the model was trained on, not an absence of evidence. So ``outside`` and
+``everywhere`` are as strong as in a full audit, while ``roi`` (outside fails) and ``unclear`` (both
+fail) are weaker: only models trained on masked images, a full audit, can settle them.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ VERDICTS = {
     "none": ("no signal found", "#bdbdbd"),
     "unclear": ("unclear: needs the ROI and its surroundings", "#bdbdbd"),
     "undetermined": ("undetermined: the run lacks the full model", "#bdbdbd"),
+    "not_predicted": ("not predicted by the probed model", "#ffffff"),
 }
 
 #: Which cells (training strategy, test strategy) each piece of evidence is read from, in order of preference.
@@ -87,8 +98,19 @@ def shows_signal(auc: float, ci_low: float, rules: VerdictConfig) -> bool:
     return not math.isnan(auc) and ci_low > 0.5 and auc >= rules.min_auc
 
 
-def _cell(cells: pd.DataFrame, name: str) -> Cell | None:
-    for train, test in EVIDENCE[name]:
+def probe_evidence(model: str) -> dict[str, list[tuple[str, str]]]:
+    """The cells of :data:`EVIDENCE` for a probed model: the one model on each masking, no shape model."""
+    return {"full": [(model, "full")], "inside": [(model, "only_roi"), (model, "only_roi_bbox")],
+            "outside": [(model, "no_roi_bbox"), (model, "no_roi")], "shape": []}
+
+
+#: Appended to every reading of a probed model.
+PROBE_CAVEAT = (" A probe trains nothing on masked images: signal that survives masking is evidence, signal lost "
+                "under masking may only mean the masked images are unlike what the model was trained on.")
+
+
+def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]]) -> Cell | None:
+    for train, test in candidates:
         if (train, test) in cells.index:
             row = cells.loc[(train, test)]
             if not math.isnan(row["auc_mean"]):
@@ -97,7 +119,7 @@ def _cell(cells: pd.DataFrame, name: str) -> Cell | None:
 
 
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
-                  attribution: dict | None = None) -> dict:
+                  attribution: dict | None = None, evidence_cells: dict | None = None) -> dict:
     """The verdict of one class.
 
     Parameters
@@ -109,12 +131,16 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
         (``"train→test"``) a dict with ``difference`` (cell − baseline) and ``p_value`` of DeLong's test.
     attribution : dict, optional
         ``in_roi`` (share of positive attribution inside the ROI), ``roi_area`` and ``ratio``, for full→full.
+    evidence_cells : dict, optional
+        Where each piece of evidence is read: :data:`EVIDENCE` (default) or :func:`probe_evidence`;
+        with the latter the reading carries :data:`PROBE_CAVEAT`.
 
     Returns
     -------
     dict with ``verdict``, ``reading`` (a plain sentence with the numbers) and the evidence columns.
     """
-    evidence = {name: _cell(cells, name) for name in EVIDENCE}
+    probe = evidence_cells is not None
+    evidence = {name: _cell(cells, candidates) for name, candidates in (evidence_cells or EVIDENCE).items()}
     signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
     full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
     base_signal = baseline is not None and shows_signal(baseline["auc"], baseline["ci_low"], rules)
@@ -159,9 +185,11 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     if base_signal and verdict != "metadata":
         reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
                     f"{better[0].name} (DeLong p = {tests[better[0].name]['p_value']:.3g}).")
-    if attribution and not math.isnan(attribution.get("ratio", math.nan)):
-        reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of full→full lies in "
+    if attribution and full is not None and not math.isnan(attribution.get("ratio", math.nan)):
+        reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of {full.name} lies in "
                     f"the ROI, which covers {attribution['roi_area']:.0%} of the image (×{attribution['ratio']:.2f}).")
+    if probe and verdict != "undetermined":
+        reading += PROBE_CAVEAT
     row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading}
     for name, cell in evidence.items():
         row[f"{name}_cell"] = cell.name if cell else ""

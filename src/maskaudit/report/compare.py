@@ -76,7 +76,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
     classes = [c for c in a["config"].classes if c in b["config"].classes]
     if not classes:
         raise MaskauditError(f"the runs share no class: {a['config'].classes} against {b['config'].classes}")
-    rows = [s for s in a["config"].strategies if s in b["config"].strategies]
+    rows = [s for s in a["config"].train_strategies if s in b["config"].train_strategies]
     cols = [s for s in a["config"].eval_strategies if s in b["config"].eval_strategies]
     sections = []
     for name in classes:

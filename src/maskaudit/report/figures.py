@@ -30,8 +30,9 @@ def _text_colour(cmap: matplotlib.colors.Colormap, value: float) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
-def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt.Figure:
-    """The study's figure: rows training strategy, columns test strategy, values printed."""
+def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str,
+                rows: str = "training masking") -> plt.Figure:
+    """The study's figure: rows training strategy (or probed model: ``rows`` names them), columns test strategy."""
     values = mean.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
     fig, ax = plt.subplots(figsize=(1.0 + 0.95 * n_cols, 0.9 + 0.75 * n_rows), dpi=150)
@@ -50,7 +51,7 @@ def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str) -> plt
     ax.set_xticks(range(n_cols), [s.replace("_", " ") for s in mean.columns], rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(n_rows), [s.replace("_", " ") for s in mean.index], fontsize=8)
     ax.set_xlabel("test masking", fontsize=8)
-    ax.set_ylabel("training masking", fontsize=8)
+    ax.set_ylabel(rows, fontsize=8)
     ax.set_title(title, fontsize=9)
     cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     cbar.ax.tick_params(labelsize=7)
