@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,12 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from browser import CHROMIUM, LAUNCH_ARGS, playwright_api
 from typer.testing import CliRunner
 
 from maskaudit.cli import app
 from maskaudit.report.html import inline_image
-
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
 
 SECTIONS = ("verdict", "auc", "splits", "baseline", "explain", "embed", "sweep", "reader", "training", "data",
             "config", "software", "stages")
@@ -44,17 +42,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _open_in_chromium(page_path: Path, screenshot: Path) -> dict:
     """Load ``page_path`` in headless Chromium; collect console errors, requests and image sizes."""
-    if os.environ.get("CI"):  # CI installs both (.ci/run, the test extra): their absence is a failure there
-        from playwright import sync_api
-
-        assert CHROMIUM is not None, "no chromium binary in CI: .ci/run should have installed Debian's chromium"
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-        if CHROMIUM is None:
-            pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
+    sync_api = playwright_api()  # CI: chromium and playwright must be there; elsewhere a missing one skips
     found: dict = {"errors": [], "requests": []}
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda m: m.type == "error" and found["errors"].append(m.text))

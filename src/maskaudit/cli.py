@@ -20,6 +20,7 @@ from rich.logging import RichHandler
 from maskaudit.config import ANALYSES, config_from_dict, load_config
 from maskaudit.errors import MaskauditError
 from maskaudit.pipeline import Audit
+from maskaudit.reader.cli import reader_app
 
 app = typer.Typer(
     add_completion=False,
@@ -78,8 +79,26 @@ def _audit(out: Path, config: Path | None) -> Audit:
 @app.command()
 @user_errors
 def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -> None:
-    """The whole audit: prepare, split, train, predict, metrics, report."""
-    audit = Audit.create(out, load_config(config))
+    """The whole audit: prepare, split, train, predict, metrics, analyses, report."""
+    settings = load_config(config)
+    if settings.probing:
+        raise MaskauditError(f"{config} names models to probe (`model.source` / `models`): use `maskaudit probe`")
+    audit = Audit.create(out, settings)
+    _setup_logging(audit.run.log)
+    report = audit.run_all()
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+@user_errors
+def probe(config: Annotated[Path, typer.Argument(help="config YAML with `model: {source: ...}` or `models: [...]`")],
+          out: Out) -> None:
+    """Audit models trained elsewhere as they are: every masking, analyses, verdict and report; no training."""
+    settings = load_config(config)
+    if not settings.probing:
+        raise MaskauditError(f"{config} names no model to probe: add `model: {{source: python|torchscript|onnx|"
+                             "torchxrayvision, ...}}` (README, \"Audit your own model\"), or use `maskaudit run`")
+    audit = Audit.create(out, settings)
     _setup_logging(audit.run.log)
     report = audit.run_all()
     typer.echo(f"report: {report}")
@@ -193,6 +212,10 @@ def report(
     audit = _audit(out, config)
     audit.report(force)
     typer.echo(f"report: {audit.run.report}")
+
+
+app.add_typer(reader_app, name="reader", help="Blinded reader study: create it, serve it to readers, analyse "
+              "their answers.")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -206,8 +206,8 @@ def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: 
         return None
     cells = part.set_index(["train_strategy", "test_strategy"])
     tests = [s for s in config.eval_strategies if s in set(part["test_strategy"])]
-    table = Table(caption, ["train \\ test", *tests], corner=True)
-    for train in config.strategies:
+    table = Table(caption, ["model \\ test" if config.probing else "train \\ test", *tests], corner=True)
+    for train in config.train_strategies:
         row = [_cell(train, left=True)]
         for test in tests:
             if (train, test) not in cells.index:
@@ -291,7 +291,7 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None) -> tuple[list[dict],
         diagonal = Table(f"{name}: AUC [95 % CI] of each model on its own masking, per split (mean of folds)",
                          ["train → test", *[label for _, _, label in present]])
         table = Table(f"{name}: every cell, per split", diagonal.header)
-        for train in config.strategies:
+        for train in config.train_strategies:
             for test in config.eval_strategies:
                 row = [_cell(f"{train} → {test}", left=True)]
                 for dataset, split, _ in present:
@@ -399,7 +399,7 @@ def embed_section(audit: Audit) -> dict:
 
 def sweep_section(audit: Audit) -> dict:
     run, config = audit.run, audit.config
-    figures = [inline_image(run.figures / f"sweep_{s}.png") for s in config.analyses.sweep.train_strategies]
+    figures = [inline_image(run.figures / f"sweep_{s}.png") for s in config.sweep_models]
     sweep = _read(run.analysis("sweep") / "sweep.parquet")
     tables = []
     if sweep is not None and len(sweep):
@@ -437,7 +437,72 @@ def reader_section(audit: Audit) -> dict:
         for case in cases:
             by_class.setdefault(case["class"], []).append(case)
         groups.append({"strategy": str(strategy), "classes": by_class})
-    return {"groups": groups, "tables": []}
+    return {"groups": groups, "tables": [], "results": reader_results(run.analysis("reader_study"))}
+
+
+def _rate(row: pd.Series, name: str) -> str:
+    return fmt_auc(row.get(name), row.get(f"{name}_low"), row.get(f"{name}_high"))
+
+
+def reader_results(folder: Path) -> dict | None:
+    """The readers' answers scored by ``maskaudit reader analyse``: readers and models side by side, kappas."""
+    readers = _read(folder / "readers.parquet")
+    if readers is None:
+        return None
+    model = _read(folder / "model.parquet")
+    pairs, fleiss = _read(folder / "kappa_pairs.parquet"), _read(folder / "kappa_fleiss.parquet")
+    summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    tables = []
+    for name, part in readers.groupby("class", sort=False):
+        rows = [{"strategy": r["strategy"], "who": f"reader {r['reader']}", "n": f"{r['n_answered']} / {r['n_cases']}",
+                 "pos / neg": f"{r['n_pos']} / {r['n_neg']}", "cannot tell": str(r["n_cannot_tell"]),
+                 "TP FN TN FP": f"{r['tp']} {r['fn']} {r['tn']} {r['fp']}", "sensitivity": _rate(r, "sensitivity"),
+                 "specificity": _rate(r, "specificity"), "AUC": _rate(r, "auc"), "note": r["reason"]}
+                for _, r in part.iterrows()]
+        if model is not None and len(model):
+            for _, r in model[model["class"] == name].iterrows():
+                counts = "" if _missing(r.get("tp")) else f"{int(r['tp'])} {int(r['fn'])} {int(r['tn'])} {int(r['fp'])}"
+                rows.append({"strategy": r["strategy"], "who": f"model {r['model']} (fold {r['fold']}, p ≥ "
+                             f"{r['threshold']:g})", "n": str(r["n_images"]),
+                             "pos / neg": "" if _missing(r.get("n_pos")) else f"{int(r['n_pos'])} / {int(r['n_neg'])}",
+                             "cannot tell": "", "TP FN TN FP": counts, "sensitivity": _rate(r, "sensitivity"),
+                             "specificity": _rate(r, "specificity"), "AUC": _rate(r, "auc"), "note": r["reason"]})
+        frame = pd.DataFrame(rows).sort_values(["strategy", "who"], kind="stable")
+        table = frame_table(frame, f"{name}: each reader and the model on the same images, by masking "
+                                   "(95 % Wilson / DeLong intervals)", columns=list(frame.columns))
+        table.folded = False
+        tables.append(table)
+    if fleiss is not None and len(fleiss):
+        kappas = fleiss.rename(columns={"kappa": "Fleiss κ", "n_cases": "cases read by all", "reason": "note"})
+        if pairs is not None and len(pairs):
+            cohen = pairs.assign(pair=pairs["reader_a"] + "–" + pairs["reader_b"] + ": " + pairs["kappa"].map(
+                lambda v: "n/a" if _missing(v) else f"{v:.2f}"))
+            kappas = kappas.merge(cohen.groupby(["strategy", "class"])["pair"].agg("; ".join).rename(
+                "Cohen κ per pair").reset_index(), on=["strategy", "class"], how="left")
+        tables.append(frame_table(kappas, "agreement between readers on present / absent / cannot tell: Fleiss' "
+                                          "kappa over the cases every reader answered, Cohen's kappa per pair",
+                                  columns=[c for c in ("strategy", "class", "n_readers", "cases read by all",
+                                                       "Fleiss κ", "Cohen κ per pair", "note") if c in kappas]))
+    return {"tables": tables, "readers": ", ".join(summary.get("readers", [])), "score": summary.get("score", ""),
+            "threshold": summary.get("model_threshold", ""), "model_note": summary.get("model_note", "")}
+
+
+def probe_section(audit: Audit) -> dict:
+    """A probe's models: where each came from, what it is fed, which output is which class."""
+    rows = []
+    for m in audit.config.models:
+        seen = audit.run.job(m.name, 0) / "probe.json"
+        mapping = read_json(seen) if seen.is_file() else {}
+        rows.append({
+            "model": m.name, "source": m.source,
+            "from": " ".join(str(part) for part in (m.entry_point, m.weights, m.file) if part),
+            "input": mapping.get("input", "not loaded yet"),
+            "activation": mapping.get("activation", m.output.activation),
+            "classes → outputs": mapping.get("outputs", ""),
+            "not predicted": ", ".join(mapping.get("not_predicted", [])) or "none"})
+    table = frame_table(pd.DataFrame(rows), "each probed model: its source, the input made from the masked image, "
+                                            "and which of its outputs is which class")
+    return {"figure": None, "table": table, "probe": True}
 
 
 def training_section(audit: Audit) -> dict:
@@ -445,6 +510,8 @@ def training_section(audit: Audit) -> dict:
     from maskaudit.report.figures import save_figure, training_curves
 
     run, config = audit.run, audit.config
+    if config.probing:
+        return probe_section(audit)
     histories: dict[str, dict[int, pd.DataFrame]] = {}
     rows = []
     for strategy in config.strategies:
@@ -563,6 +630,8 @@ def write_report(audit: Audit) -> dict:
         comparison=comparison,
         metrics_status="" if matrix is not None else "not run: run `maskaudit metrics`",
         training=training_section(audit),
+        probing=config.probing,
+        probe_images="every image" if config.predict.images == "all" else "the hold-out images",
         data=data_tables(audit),
         stages=stage_rows(stages, config),
         versions=software_versions(),
