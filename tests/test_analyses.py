@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from maskaudit.analyses.baseline import baseline_predictions, encode
 from maskaudit.analyses.embeddings import cosine_table, tsne_points
 from maskaudit.analyses.reader_selection import blinded_name, select_cases
-from maskaudit.analyses.verdict import class_verdict
+from maskaudit.analyses.verdict import PROBE_CAVEAT, class_verdict, probe_evidence
 from maskaudit.cli import app
 from maskaudit.config import VerdictConfig
 from maskaudit.rundir import read_json
@@ -69,6 +69,23 @@ def test_metadata_verdict_needs_the_baseline_to_match_the_images():
     assert class_verdict(cells, RULES, baseline=worse)["verdict"] == "metadata"
     no_images = class_verdict(_grid(0.5, 0.5, 0.5, 0.5), RULES, baseline=close)
     assert no_images["verdict"] == "metadata" and "0.79" in no_images["reading"]
+
+
+@pytest.mark.parametrize(("aucs", "expected"), [
+    ((0.95, 0.93, 0.51), "outside"),
+    ((0.95, 0.52, 0.97), "roi"),
+    ((0.99, 0.98, 0.97), "everywhere"),
+    ((0.95, 0.50, 0.03), "unclear"),
+    ((0.52, 0.50, 0.50), "none"),
+])
+def test_probe_verdict_reads_the_probed_models_own_cells(aucs, expected):
+    full, outside, inside = aucs
+    cells = _cells({("m", "full"): full, ("m", "no_roi_bbox"): outside, ("m", "only_roi"): inside,
+                    ("full", "full"): 0.5, ("no_roi_bbox", "no_roi_bbox"): 0.99, ("roi_shape", "roi_shape"): 0.99})
+    row = class_verdict(cells, RULES, evidence_cells=probe_evidence("m"))
+    assert row["verdict"] == expected and row["full_cell"] == "m→full" and row["shape_cell"] == ""
+    assert row["reading"].endswith(PROBE_CAVEAT)
+    assert ("below chance" in row["reading"]) == (inside < 0.45)  # a reversed masked cell is pointed out
 
 
 def test_verdict_falls_back_to_the_full_model_on_masked_images_and_says_which_cell():

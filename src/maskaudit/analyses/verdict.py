@@ -140,6 +140,7 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     dict with ``verdict``, ``reading`` (a plain sentence with the numbers) and the evidence columns.
     """
     probe = evidence_cells is not None
+    who = "the model" if probe else "the models"
     evidence = {name: _cell(cells, candidates) for name, candidates in (evidence_cells or EVIDENCE).items()}
     signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
     full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
@@ -172,12 +173,12 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
                    "something outside the ROI travels with the label; a shortcut is possible.")
     elif signal["outside"]:
         verdict = "outside"
-        reading = (f"Shortcut suspected: without the ROI the models still find it ({outside.text()}), "
+        reading = (f"Shortcut suspected: without the ROI {who} still find{'s' if probe else ''} it ({outside.text()}), "
                    f"with the ROI alone they do not ({seen(inside)}).")
     elif signal["inside"]:
         verdict = "roi"
         reading = (f"The ROI alone suffices ({inside.text()}) and the rest of the image does not "
-                   f"({seen(outside)}): the models rely on the ROI.")
+                   f"({seen(outside)}): {who} rel{'ies' if probe else 'y'} on the ROI.")
     else:
         verdict = "unclear"
         reading = (f"The full model finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
@@ -188,6 +189,10 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     if attribution and full is not None and not math.isnan(attribution.get("ratio", math.nan)):
         reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of {full.name} lies in "
                     f"the ROI, which covers {attribution['roi_area']:.0%} of the image (×{attribution['ratio']:.2f}).")
+    reversed_cells = [cell for cell in (inside, outside) if cell is not None and cell.ci_high < 0.5]
+    if probe and reversed_cells:
+        reading += (f" {' and '.join(c.text() for c in reversed_cells)} is below chance: masking reverses the "
+                    "model's scores, a sign that these images are outside what it was trained on.")
     if probe and verdict != "undetermined":
         reading += PROBE_CAVEAT
     row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading}
