@@ -88,6 +88,15 @@ def test_probe_verdict_reads_the_probed_models_own_cells(aucs, expected):
     assert ("below chance" in row["reading"]) == (inside < 0.45)  # a reversed masked cell is pointed out
 
 
+def test_probe_inside_evidence_is_the_better_of_the_two_roi_maskings():
+    """Signal that survives either ROI-only masking is evidence: the demo's opacity probe (only_roi 0.63
+    [0.49, 0.76], only_roi_bbox 0.85) reads as roi, not unclear; outside keeps no_roi_bbox first."""
+    cells = _cells({("m", "full"): 0.99, ("m", "only_roi"): 0.63, ("m", "only_roi_bbox"): 0.85,
+                    ("m", "no_roi_bbox"): 0.43, ("m", "no_roi"): 0.95}, half_width=0.13)
+    row = class_verdict(cells, RULES, evidence_cells=probe_evidence("m"))
+    assert (row["verdict"], row["inside_cell"], row["outside_cell"]) == ("roi", "m→only_roi_bbox", "m→no_roi_bbox")
+
+
 def test_verdict_falls_back_to_the_full_model_on_masked_images_and_says_which_cell():
     cells = _cells({("full", "full"): 0.95, ("full", "only_roi"): 0.51, ("full", "no_roi"): 0.93})
     row = class_verdict(cells, RULES)

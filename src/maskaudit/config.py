@@ -632,7 +632,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     for each in probed:
         if isinstance(each.get("file"), str):
             path = Path(each["file"]).expanduser()
-            each["file"] = str(path if path.is_absolute() else (base / path))
+            each["file"] = str(path if path.is_absolute() else (base / path).resolve())
     return raw
 
 

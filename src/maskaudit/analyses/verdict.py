@@ -34,11 +34,13 @@ models trained without the ROI.
 
 **A probe** (``maskaudit probe``: one model trained elsewhere, nothing trained on masked images) reads
 each probed model's own cells (:func:`probe_evidence`): ``full`` the model on full images, ``inside``
-the model on ``only_roi``/``only_roi_bbox`` images, ``outside`` on ``no_roi_bbox``/``no_roi`` images,
-and no ``shape`` cell. The rules are the same, one verdict per model and class, and every reading
-says what a probe cannot show: signal that *survives* masking is evidence (the model finds the class
-without the ROI, or with the ROI alone); signal *lost* under masking may be the masked images being
-unlike anything the model was trained on, not an absence of evidence. So ``outside`` and
+the better of the model on ``only_roi`` and on ``only_roi_bbox`` images (the higher CI lower bound:
+either is evidence that survived masking), ``outside`` on ``no_roi_bbox`` (else ``no_roi``, whose hole
+shows the ROI's outline) images, and no ``shape`` cell. The rules are the same, one verdict per model
+and class, and every reading says what a probe cannot show: signal that *survives* masking is
+evidence (the model finds the class without the ROI, or with the ROI alone); signal *lost* under
+masking may be the masked images being unlike anything the model was trained on, not an absence of
+evidence. So ``outside`` and
 ``everywhere`` are as strong as in a full audit, while ``roi`` (outside fails) and ``unclear`` (both
 fail) are weaker: only models trained on masked images, a full audit, can settle them.
 """
@@ -109,13 +111,17 @@ PROBE_CAVEAT = (" A probe trains nothing on masked images: signal that survives 
                 "under masking may only mean the masked images are unlike what the model was trained on.")
 
 
-def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]]) -> Cell | None:
+def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]], best: bool = False) -> Cell | None:
+    """The first of ``candidates`` the matrix has an AUC for; with ``best``, the one with the highest CI lower bound."""
+    found = []
     for train, test in candidates:
         if (train, test) in cells.index:
             row = cells.loc[(train, test)]
             if not math.isnan(row["auc_mean"]):
-                return Cell(train, test, float(row["auc_mean"]), float(row["ci_low"]), float(row["ci_high"]))
-    return None
+                found.append(Cell(train, test, float(row["auc_mean"]), float(row["ci_low"]), float(row["ci_high"])))
+    if not found:
+        return None
+    return max(found, key=lambda cell: cell.ci_low if not math.isnan(cell.ci_low) else -math.inf) if best else found[0]
 
 
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
@@ -141,7 +147,8 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     """
     probe = evidence_cells is not None
     who = "the model" if probe else "the models"
-    evidence = {name: _cell(cells, candidates) for name, candidates in (evidence_cells or EVIDENCE).items()}
+    evidence = {name: _cell(cells, candidates, best=probe and name == "inside")
+                for name, candidates in (evidence_cells or EVIDENCE).items()}
     signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
     full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
     base_signal = baseline is not None and shows_signal(baseline["auc"], baseline["ci_low"], rules)
@@ -174,14 +181,15 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     elif signal["outside"]:
         verdict = "outside"
         reading = (f"Shortcut suspected: without the ROI {who} still find{'s' if probe else ''} it ({outside.text()}), "
-                   f"with the ROI alone they do not ({seen(inside)}).")
+                   f"with the ROI alone {'it does' if probe else 'they do'} not ({seen(inside)}).")
     elif signal["inside"]:
         verdict = "roi"
         reading = (f"The ROI alone suffices ({inside.text()}) and the rest of the image does not "
                    f"({seen(outside)}): {who} rel{'ies' if probe else 'y'} on the ROI.")
     else:
         verdict = "unclear"
-        reading = (f"The full model finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
+        subject = "The model on full images" if probe else "The full model"
+        reading = (f"{subject} finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
                    f"rest ({seen(outside)}) suffices: the evidence needs both; read the matrices.")
     if base_signal and verdict != "metadata":
         reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
