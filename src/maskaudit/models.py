@@ -279,6 +279,23 @@ def _first_lines(text: str, n: int = 3) -> str:
     return " ".join(lines[:n]) + (" ..." if len(lines) > n else "")
 
 
+def state_mismatch(expected: Mapping[str, Tensor], state: Mapping[str, Any]) -> str:
+    """How ``state`` fails to fit a module whose state dict is ``expected`` ("" when it fits): counts of missing
+    and unexpected keys and of shape mismatches, each with up to three examples."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if isinstance(state.get(k), Tensor) and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+    return "; ".join(parts)
+
+
 def _load_backbone(
     features: nn.Module, state: Mapping[str, Tensor], rename: Callable[[str], str | None], source: str
 ) -> None:
@@ -292,25 +309,9 @@ def _load_backbone(
         new = rename(key)
         if new is not None:
             mapped[new] = value
-    expected = features.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected]
-    wrong = [
-        f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in mapped and tuple(mapped[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        raise MaskauditError(
-            f"{source} is not a state dict of this architecture's torchvision model: {'; '.join(parts)}"
-        )
+    problems = state_mismatch(features.state_dict(), mapped)
+    if problems:
+        raise MaskauditError(f"{source} is not a state dict of this architecture's torchvision model: {problems}")
     features.load_state_dict(mapped, strict=True)
 
 

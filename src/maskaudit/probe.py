@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from maskaudit.config import ModelConfig, ProbedModelConfig, ProbeInput
 from maskaudit.errors import MaskauditError
-from maskaudit.models import build_model, load_weights_file
+from maskaudit.models import build_model, load_weights_file, state_mismatch
 
 __all__ = ["LUMINANCE", "ProbedModel", "load_probed_model", "maskaudit_model", "match_outputs"]
 
@@ -448,19 +448,9 @@ def _load_state(config: ProbedModelConfig, net: nn.Module) -> None:
     expected = net.state_dict()
     if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and isinstance(state[k], Tensor) and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first: {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (first: {shapes[0]})")
+    problems = state_mismatch(expected, state)
     if problems:
-        raise _fail(config, f"{config.file} does not fit what {config.entry_point} builds: {'; '.join(problems)}")
+        raise _fail(config, f"{config.file} does not fit what {config.entry_point} builds: {problems}")
     try:
         net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
