@@ -13,7 +13,9 @@ Every path inside a run directory comes from :class:`RunDir`; no other module bu
       jobs/<strategy>/fold_<k>/      model.pt, last.pt, history.csv, tb/, predictions.parquet, job.json
       predictions.parquet            the long table: every model x test strategy x image x class
       metrics/                       auc_by_fold, auc_matrix, delong (each .parquet and .csv)
-      analyses/<name>/               baseline, explain, embed, sweep, reader, verdict: tables, arrays, images
+      analyses/<name>/               baseline, explain, embed, sweep, reader, verdict: tables, arrays, images;
+                                     reader_study: the readers' results (``maskaudit reader analyse``)
+      reader/                        the reader study: study.sqlite (answers), links.txt (0600)
       figures/                       auc_<class>.png
       report.html
       logs/maskaudit.log
@@ -115,6 +117,11 @@ class RunDir:
 
     def analysis(self, name: str) -> Path:
         return self.root / "analyses" / name
+
+    @property
+    def reader_study(self) -> Path:
+        """The reader study of ``maskaudit reader``: ``study.sqlite`` and ``links.txt``."""
+        return self.root / "reader"
 
     @property
     def figures(self) -> Path:

@@ -49,7 +49,7 @@ class StudyPaths:
 
     @property
     def root(self) -> Path:
-        return self.run.root / "reader"
+        return self.run.reader_study
 
     @property
     def db(self) -> Path:
