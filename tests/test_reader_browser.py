@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas
 import pytest
 from browser import CHROMIUM, LAUNCH_ARGS, playwright_api
+from PIL import Image
 from reader_run import make_run
 from typer.testing import CliRunner
 
@@ -204,3 +207,50 @@ def test_concurrent_posts_are_all_kept(served):
     alice, bob = _answers(run, "alice"), _answers(run, "bob")
     assert len(alice) == len(bob) == 22
     assert {a for a, _ in alice.values()} == {"absent"} and {a for a, _ in bob.values()} == {"cannot_tell"}
+
+
+def test_window_level_works_on_the_full_16_bits(cxr_dir: Path, tmp_path: Path):
+    """A 16-bit X-ray whose values all lie in 1000..4999 (its top 8 bits: 16 gray levels): the viewer windows it
+    at full depth, to the value the same window gives in numpy (±1 for rounding)."""
+    sync_api = playwright_api()
+    xray = np.asarray(Image.open(sorted((cxr_dir / "images").glob("*.png"))[0]).convert("L").resize((96, 96)),
+                      dtype=np.float64)
+    values = np.round(1000 + xray / 255 * 3999).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")  # mode I;16
+    pandas.DataFrame({"path": ["deep.png"], "strategy": ["full"], "image_id": ["x1"], "label_effusion": [1]}).to_csv(
+        tmp_path / "cases.csv", index=False)
+    port = _free_port()
+    result = CliRunner().invoke(cli_app, ["reader", "create", str(tmp_path / "run"), "--readers", "dana",
+                                          "--cases", str(tmp_path / "cases.csv"), "--base-url",
+                                          f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 0, result.output
+    link = dict(re.findall(r"^(\w+)\t(http\S+)$", result.output, flags=re.M))["dana"]
+    server = Server(tmp_path / "run", port)
+    server.start()
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(link)
+                page.wait_for_url(re.compile(r"/case/"))
+                page.wait_for_selector("#canvas[data-loaded='1']")
+                assert page.get_attribute("#window", "max") == "65535"
+                window, level = 1000, 3000  # 2500..3500 spread over the whole gray scale
+                shown = page.evaluate(f"""() => {{
+                    for (const [id, v] of [['window', {window}], ['level', {level}]]) {{
+                        const input = document.getElementById(id);
+                        input.value = v; input.dispatchEvent(new Event('input'));
+                    }}
+                    const c = document.getElementById('canvas');
+                    return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)
+                        .filter((_, i) => i % 4 === 0);
+                }}""")
+            finally:
+                browser.close()
+    finally:
+        server.kill()
+    expected = np.clip(np.round((values.astype(np.float64) - (level - window / 2)) / window * 255), 0, 255)
+    assert np.abs(np.asarray(shown, dtype=np.float64).reshape(values.shape) - expected).max() <= 1
+    # the top 8 bits of 2500..3500 take 5 values (9..13): a viewer on 8 bits could show at most 5 grays here
+    assert len(np.unique(shown)) > 40

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -54,6 +55,30 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+
+
+#: Pillow modes of 16-bit gray images (PadChest's PNGs, most X-rays exported from DICOM).
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+
+
+def viewer_png(path: str | Path) -> bytes:
+    """The image as the viewer receives it: a PNG with only the pixels (no text chunks, no file name).
+
+    A 16-bit gray image travels as an RGB PNG whose red byte is the value's high byte and green its
+    low byte, since browsers decode PNGs to 8 bits per channel: the viewer (``static/app.js``) puts the
+    16 bits back together, so window/level works on the image's full depth.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in SIXTEEN_BIT:
+            values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
+            packed = np.stack([values >> 8, values & 0xFF, np.zeros_like(values)], axis=-1).astype(np.uint8)
+            image = Image.fromarray(packed, "RGB")
+        elif image.mode not in ("L", "RGB", "RGBA", "LA"):
+            image = image.convert("RGB" if image.mode in ("P", "CMYK", "YCbCr") else "L")
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+    return out.getvalue()
 
 
 class Refused(Exception):
@@ -208,7 +233,8 @@ def create_app(run_dir: Path) -> FastAPI:
                     total=len(rows), done=sum(r["n_answered"] >= len(classes) for r in rows),
                     prev=f"/case/{rows[position - 1]['opaque']}" if position > 0 else None,
                     next=f"/case/{rows[position + 1]['opaque']}" if position + 1 < len(rows) else None,
-                    kind=case["kind"], comment_max=db.COMMENT_MAX, comment=comment["comment"] if comment else "",
+                    kind=case["kind"], depth=image_depth(case["path"]), comment_max=db.COMMENT_MAX,
+                    comment=comment["comment"] if comment else "",
                     classes=[{"index": k, "name": name,
                               "answer": answers[name]["answer"] if name in answers else None,
                               "confidence": answers[name]["confidence"] if name in answers else None}
@@ -291,13 +317,12 @@ def create_app(run_dir: Path) -> FastAPI:
 
     @lru_cache(maxsize=256)
     def image_bytes(path: str) -> bytes:
+        return viewer_png(path)
+
+    @lru_cache(maxsize=1024)
+    def image_depth(path: str) -> int:
         with Image.open(path) as image:
-            image.load()
-            if image.mode not in ("L", "I;16", "RGB", "RGBA", "LA"):
-                image = image.convert("RGB" if image.mode in ("P", "CMYK", "YCbCr") else "L")
-            out = io.BytesIO()
-            image.save(out, format="PNG")  # no text chunks, no file name: only the pixels
-        return out.getvalue()
+            return 16 if image.mode in SIXTEEN_BIT else 8
 
     @app.get("/image/{opaque}")
     def image(opaque: str, request: Request) -> Response:

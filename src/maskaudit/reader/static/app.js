@@ -7,6 +7,9 @@
   const canvas = document.getElementById("canvas");
   const source = document.getElementById("source");
   const gray = viewer.dataset.kind === "gray";
+  // 16-bit gray arrives packed (red = high byte, green = low byte): window/level on the full depth
+  const deep = gray && viewer.dataset.depth === "16";
+  const top = deep ? 65535 : 255;
   const windowInput = document.getElementById("window");
   const levelInput = document.getElementById("level");
   const ctx = canvas.getContext("2d");
@@ -27,11 +30,11 @@
     if (!pixels) return;
     if (!gray) { ctx.putImageData(pixels, 0, 0); return; }
     const w = Number(windowInput.value), l = Number(levelInput.value);
-    const low = l - w / 2, lut = new Uint8ClampedArray(256);
-    for (let v = 0; v < 256; v++) lut[v] = Math.round(((v - low) / w) * 255);
+    const low = l - w / 2, lut = new Uint8ClampedArray(top + 1);
+    for (let v = 0; v <= top; v++) lut[v] = Math.round(((v - low) / w) * 255);
     const out = ctx.createImageData(pixels.width, pixels.height), src = pixels.data, dst = out.data;
     for (let i = 0; i < src.length; i += 4) {
-      const v = lut[src[i]];
+      const v = lut[deep ? src[i] * 256 + src[i + 1] : src[i]];
       dst[i] = v; dst[i + 1] = v; dst[i + 2] = v; dst[i + 3] = 255;
     }
     ctx.putImageData(out, 0, 0);
@@ -51,7 +54,7 @@
   function setZoom(z) { zoom = Math.min(20, Math.max(0.2, z)); layout(); }
   function reset() {
     zoom = 1;
-    if (gray) { windowInput.value = 255; levelInput.value = 128; }
+    if (gray) { windowInput.value = top; levelInput.value = (top + 1) / 2; }
     layout(); render();
   }
   document.getElementById("zoom-in").addEventListener("click", () => setZoom(zoom * 1.25));
@@ -69,8 +72,9 @@
     });
     canvas.addEventListener("pointermove", (e) => {
       if (!drag) return;
-      windowInput.value = Math.round(drag.w + (e.clientX - drag.x));
-      levelInput.value = Math.round(drag.l - (e.clientY - drag.y));
+      const step = top / 255;  // one screen pixel of drag moves as much of the range at either depth
+      windowInput.value = Math.round(drag.w + (e.clientX - drag.x) * step);
+      levelInput.value = Math.round(drag.l - (e.clientY - drag.y) * step);
       render();
     });
     canvas.addEventListener("pointerup", () => { drag = null; });
