@@ -7,6 +7,7 @@ that trained the model.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from maskaudit.cli import app
 from maskaudit.config import config_from_dict, load_config
 from maskaudit.errors import MaskauditError
 from maskaudit.models import ModelConfig, build_model, load_checkpoint
+from maskaudit.pipeline import Audit
 
 
 def _cli(*args: str, code: int = 0) -> str:
@@ -122,6 +124,17 @@ def test_probe_runs_every_analysis_and_says_what_a_probe_can_show(probed: Path):
     assert "This is a probe" in html and "Probed models" in html and "Training curves" not in html
     for name in ("mine", "scripted", "renamed"):
         assert f">{name}<" in html
+
+
+def test_a_probe_run_again_is_skipped_and_a_changed_weights_file_redoes_it(trained: Path, probed: Path):
+    stamps = (probed / "stages.json").read_text()
+    _cli("probe", str(probed.parent / "probe.yaml"), "--out", str(probed))
+    assert (probed / "stages.json").read_text() == stamps  # nothing redone
+    audit = Audit.open(probed)
+    assert audit.is_done("predict")
+    weights = trained / "jobs" / "full" / "fold_0" / "model.pt"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert not audit.is_done("predict")  # new weights in the same file: the probe is stale
 
 
 def test_probe_and_run_refuse_each_others_configs(tmp_path: Path):

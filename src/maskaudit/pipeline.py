@@ -40,6 +40,27 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """Size and modification time of a file (None when there is none): a changed file redoes what it feeds."""
+    if path is None or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _entry_point_file(entry_point: str | None) -> Path | None:
+    """The source file of a probed model's ``package.module:function``, so that editing the code redoes the probe."""
+    if not entry_point:
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(entry_point.partition(":")[0])
+    except (ImportError, ValueError):
+        return None  # loading the model will say what is wrong
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
 class Audit:
     """One run directory and its config; each stage is a method."""
 
@@ -131,11 +152,11 @@ class Audit:
 
     def job_fingerprint(self, strategy: str, fold: int) -> str:
         c = self.config
-        if c.probing:  # a probed model: its declaration and its file, scored on the split's images
+        if c.probing:  # a probed model: its declaration, its files, scored on the split's images
             probed = next(m for m in c.models if m.name == strategy)
-            stat = probed.file.stat() if probed.file is not None and probed.file.is_file() else None
             return _hash("probe", self.fingerprint("split"), probed.model_dump(mode="json"),
-                         (stat.st_size, stat.st_mtime_ns) if stat else None, c.spread, c.fill, c.roi)
+                         [_file_stamp(path) for path in (probed.file, _entry_point_file(probed.entry_point))],
+                         c.spread, c.fill, c.roi)
         return _hash("job", self.fingerprint("split"), strategy, fold, c.model.model_dump(mode="json"),
                      c.train.model_dump(mode="json", exclude={"num_workers", "device"}), c.spread, c.fill,
                      c.roi)
