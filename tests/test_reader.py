@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -107,6 +108,18 @@ def test_create_refuses_known_reader_and_missing_selection(study, tmp_path: Path
     assert result.exit_code == 1 and "selection.parquet" in result.output
     result = CliRunner().invoke(cli_app, ["reader", "create", str(tmp_path), "--readers", "a/b"])
     assert result.exit_code == 1
+
+
+def test_a_study_moves_with_its_run(study, tmp_path: Path):
+    """Images inside the run are kept by their path in it: a copied or moved run directory serves them."""
+    run, links = study
+    with sqlite3.connect(run / "reader" / "study.sqlite") as conn:
+        stored = [r[0] for r in conn.execute("SELECT path FROM cases")]
+    assert stored and all(p.startswith("analyses/reader/images/") for p in stored)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    client = _login(moved, links["alice"])
+    assert client.get(f"/image/{_case_ids(client)[0]}").status_code == 200
 
 
 def test_create_from_cases_csv(study, tmp_path: Path):

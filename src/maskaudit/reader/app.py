@@ -37,7 +37,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from maskaudit.reader import db
-from maskaudit.reader.study import OPAQUE, study_paths
+from maskaudit.reader.study import OPAQUE, image_path, study_paths
 
 READER_COOKIE = "maskaudit_reader"
 ADMIN_COOKIE = "maskaudit_admin"
@@ -316,12 +316,12 @@ def create_app(run_dir: Path) -> FastAPI:
         return RedirectResponse(await run_in_threadpool(save), status_code=303)
 
     @lru_cache(maxsize=256)
-    def image_bytes(path: str) -> bytes:
-        return viewer_png(path)
+    def image_bytes(stored: str) -> bytes:
+        return viewer_png(image_path(paths, stored))
 
     @lru_cache(maxsize=1024)
-    def image_depth(path: str) -> int:
-        with Image.open(path) as image:
+    def image_depth(stored: str) -> int:
+        with Image.open(image_path(paths, stored)) as image:
             return 16 if image.mode in SIXTEEN_BIT else 8
 
     @app.get("/image/{opaque}")

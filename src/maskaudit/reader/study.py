@@ -81,6 +81,18 @@ def _image_kind(path: Path) -> str:
         return "rgb" if image.mode in ("RGB", "RGBA", "P") else "gray"
 
 
+def stored_path(paths: StudyPaths, image: str | Path) -> str:
+    """How the study keeps an image's path: relative to the run when inside it (the run can move), else absolute."""
+    image = Path(image).resolve()
+    root = paths.run.root.resolve()
+    return str(image.relative_to(root)) if image.is_relative_to(root) else str(image)
+
+
+def image_path(paths: StudyPaths, stored: str) -> Path:
+    """The image file of a stored path (see :func:`stored_path`)."""
+    return Path(stored) if Path(stored).is_absolute() else paths.run.root / stored
+
+
 def cases_from_selection(paths: StudyPaths) -> pd.DataFrame:
     """One row per (strategy, image) of the selection: ``strategy, image_id, path, labels, files``."""
     if not paths.selection.is_file():
@@ -171,7 +183,7 @@ def create_study(run_dir: Path, readers: list[str], cases_csv: Path | None = Non
                     labels = {c: (None if pd.isna(row[f"label_{c}"]) else int(row[f"label_{c}"])) for c in classes}
                     conn.execute("INSERT INTO cases (strategy, image_id, path, kind, labels, files) "
                                  "VALUES (?, ?, ?, ?, ?, ?)",
-                                 (row["strategy"], row["image_id"], str(Path(row["path"]).resolve()),
+                                 (row["strategy"], row["image_id"], stored_path(paths, row["path"]),
                                   _image_kind(Path(row["path"])), json.dumps(labels), json.dumps(row["files"])))
                 admin = secrets.token_urlsafe(32)
                 conn.execute("INSERT INTO study VALUES ('classes', ?), ('admin_token_hash', ?), ('created_at', ?), "
