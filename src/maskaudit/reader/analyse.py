@@ -121,7 +121,8 @@ def load_answers(db_path: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     return answers, assignments, classes
 
 
-def reader_table(answers: pd.DataFrame, assignments: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def reader_table(answers: pd.DataFrame, assignments: pd.DataFrame, classes: list[str],
+                 level: float = LEVEL) -> pd.DataFrame:
     """Per reader, strategy and class: counts, sensitivity, specificity and AUC (see the module's docstring)."""
     rows = []
     n_cases = assignments.groupby(["reader", "strategy"]).size()
@@ -133,14 +134,14 @@ def reader_table(answers: pd.DataFrame, assignments: pd.DataFrame, classes: list
             pos, neg = decided[decided["label"] == 1], decided[decided["label"] == 0]
             tp, fn = int((pos["answer"] == "present").sum()), int((pos["answer"] == "absent").sum())
             tn, fp = int((neg["answer"] == "absent").sum()), int((neg["answer"] == "present").sum())
-            sens, sens_lo, sens_hi = wilson(tp, tp + fn)
-            spec, spec_lo, spec_hi = wilson(tn, tn + fp)
+            sens, sens_lo, sens_hi = wilson(tp, tp + fn, level)
+            spec, spec_lo, spec_hi = wilson(tn, tn + fp, level)
             reasons = []
             if tp + fn == 0:
                 reasons.append("sensitivity undefined: no positive case answered present/absent")
             if tn + fp == 0:
                 reasons.append("specificity undefined: no negative case answered present/absent")
-            est = auc_ci(part["label"].to_numpy(float), part["score"].to_numpy(float), LEVEL) if len(part) else None
+            est = auc_ci(part["label"].to_numpy(float), part["score"].to_numpy(float), level) if len(part) else None
             if est is None:
                 reasons.append("no answer")
             elif est.reason:
@@ -198,7 +199,8 @@ def _model_pairs(paths, assignments: pd.DataFrame, config) -> list[tuple[str, st
     return [(s, s, study_fold(config)) for s in sorted(assignments["strategy"].unique())]
 
 
-def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, str]:
+def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str],
+                level: float = LEVEL) -> tuple[pd.DataFrame, str]:
     """The models on the study's images (see the module's docstring); empty with a reason when unavailable."""
     from maskaudit.metrics import prediction_sets
     from maskaudit.pipeline import Audit
@@ -221,13 +223,13 @@ def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str]) ->
                 rows.append({**row, "reason": f"no predictions of the {model} model (fold {fold}) on {strategy}"})
                 continue
             frame = frame[frame["image_id"].isin(images_of[strategy]) & frame["label"].notna()]
-            est = auc_ci(frame["label"].to_numpy(float), frame["probability"].to_numpy(float), LEVEL)
+            est = auc_ci(frame["label"].to_numpy(float), frame["probability"].to_numpy(float), level)
             said = frame["probability"] >= THRESHOLD
             pos, neg = frame["label"] == 1, frame["label"] == 0
             tp, fn, tn, fp = int((said & pos).sum()), int((~said & pos).sum()), int((~said & neg).sum()), \
                 int((said & neg).sum())
-            sens, sens_lo, sens_hi = wilson(tp, tp + fn)
-            spec, spec_lo, spec_hi = wilson(tn, tn + fp)
+            sens, sens_lo, sens_hi = wilson(tp, tp + fn, level)
+            spec, spec_lo, spec_hi = wilson(tn, tn + fp, level)
             rows.append({**row, "n_images": len(frame), "n_pos": int(pos.sum()), "n_neg": int(neg.sum()),
                          "tp": tp, "fn": fn, "tn": tn, "fp": fp,
                          "sensitivity": sens, "sensitivity_low": sens_lo, "sensitivity_high": sens_hi,
@@ -235,6 +237,13 @@ def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str]) ->
                          "auc": est.auc, "auc_low": est.ci_low, "auc_high": est.ci_high,
                          "reason": f"AUC: {est.reason}" if est.reason else ""})
     return pd.DataFrame(rows), ""
+
+
+def _level(paths) -> float:
+    """The run's confidence level (``analyses.level``); 95 % for a study outside a run (``--cases``)."""
+    from maskaudit.config import load_config
+
+    return load_config(paths.run.config).analyses.level if paths.run.config.is_file() else LEVEL
 
 
 def analyse_study(run_dir: Path) -> dict[str, Path]:
@@ -246,9 +255,10 @@ def analyse_study(run_dir: Path) -> dict[str, Path]:
     answers, assignments, classes = load_answers(paths.db)
     if answers.empty:
         raise MaskauditError(f"{paths.db} holds no answer yet; readers answer in `maskaudit reader serve {run_dir}`")
-    readers = reader_table(answers, assignments, classes)
+    level = _level(paths)
+    readers = reader_table(answers, assignments, classes, level)
     pairs, fleiss = kappa_tables(answers, classes)
-    model, model_reason = model_table(run_dir, assignments, classes)
+    model, model_reason = model_table(run_dir, assignments, classes, level)
     out = paths.results
     tables = {"readers": readers, "kappa_pairs": pairs, "kappa_fleiss": fleiss, "model": model}
     written = {}
@@ -259,7 +269,7 @@ def analyse_study(run_dir: Path) -> dict[str, Path]:
         "readers": sorted(answers["reader"].unique()), "classes": classes, "n_answers": len(answers),
         "score": "present c -> +c, absent c -> -c, cannot tell -> 0", "model_threshold": THRESHOLD,
         "cannot_tell": "left out of sensitivity and specificity, counted in n_cannot_tell, scored 0 in the AUC",
-        "level": LEVEL, "model_note": model_reason,
+        "level": level, "model_note": model_reason,
     })
     log.info("reader study: %d answers of %d readers -> %s", len(answers), answers["reader"].nunique(), out)
     return written

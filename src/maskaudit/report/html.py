@@ -468,8 +468,9 @@ def reader_results(folder: Path) -> dict | None:
                              "cannot tell": "", "TP FN TN FP": counts, "sensitivity": _rate(r, "sensitivity"),
                              "specificity": _rate(r, "specificity"), "AUC": _rate(r, "auc"), "note": r["reason"]})
         frame = pd.DataFrame(rows).sort_values(["strategy", "who"], kind="stable")
+        level = f"{100 * summary.get('level', 0.95):g} %"
         table = frame_table(frame, f"{name}: each reader and the model on the same images, by masking "
-                                   "(95 % Wilson / DeLong intervals)", columns=list(frame.columns))
+                                   f"({level} Wilson / DeLong intervals)", columns=list(frame.columns))
         table.folded = False
         tables.append(table)
     if fleiss is not None and len(fleiss):
