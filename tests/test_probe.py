@@ -66,6 +66,7 @@ def probed(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "output": {"names": classes}},
                    _entry_point(weights, [f"{c}s" for c in classes], name="renamed")
                    | {"output": {"names": [f"{c}s" for c in classes], "aliases": {"device": ["devices"]}}}],
+        "external": [{"name": "ext", "data": {**TINY["data"], "n_patients": 8}}],
         "analyses": {"explain": {"max_evals": 40, "images_per_class": 1, "batch_size": 40},
                      "sweep": {"spreads": [0, 100]}, "reader": {"percentiles": [50]}},
     }
@@ -79,6 +80,11 @@ def test_probe_reproduces_the_audits_own_predictions(trained: Path, probed: Path
     own = pd.read_parquet(trained / "predictions.parquet")
     own = own[(own["train_strategy"] == "full") & (own["fold"] == 0) & (own["split"] == "test")]
     probe = pd.read_parquet(probed / "predictions.parquet")
+    external = probe[probe["dataset"] == "ext"]
+    assert set(external["split"]) == {"external"} and set(external["train_strategy"]) == {"mine", "scripted",
+                                                                                           "renamed"}
+    assert (probed / "figures" / "auc_ext_device.png").is_file()
+    probe = probe[probe["dataset"] == "main"]
     assert set(probe["split"]) == {"test"} and set(probe["fold"]) == {0}
     assert set(probe["train_strategy"]) == {"mine", "scripted", "renamed"}
     keys = ["test_strategy", "image_id", "class"]
@@ -93,6 +99,7 @@ def test_probe_reproduces_the_audits_own_predictions(trained: Path, probed: Path
 def test_a_class_the_model_does_not_predict_is_reported_not_guessed(probed: Path):
     """'renamed' has outputs named devices/opacities: device matches through its alias, opacity matches nothing."""
     probe = pd.read_parquet(probed / "predictions.parquet")
+    probe = probe[probe["dataset"] == "main"]
     mine, renamed = (probe[probe["train_strategy"] == m].set_index(["test_strategy", "image_id", "class"])
                      for m in ("mine", "renamed"))
     device = renamed.xs("device", level="class")["probability"]
