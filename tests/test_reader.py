@@ -215,6 +215,29 @@ def test_admin_has_its_own_token(study):
     assert csv_text.startswith("reader,case_id,strategy,image_id,class,answer,confidence,comment,updated_at")
 
 
+def test_sessions_expire_and_log_out_but_answers_stay(study):
+    run, links = study
+    carol = _login(run, links["carol"])
+    case = _case_ids(carol)[0]
+    assert _answer(carol, case, {0: ("present", "4")}).status_code == 303
+    csrf = _csrf(carol, case)
+    assert carol.post("/logout", data={"csrf": "wrong"}).status_code == 403  # CSRF on logout too
+    assert carol.post("/logout", data={"csrf": csrf}).status_code == 200
+    assert carol.get(f"/case/{case}").status_code == 401  # the session is gone, not just the cookie
+    carol = _login(run, links["carol"])
+    assert re.search(r'name="answer_0" value="present" checked', carol.get(f"/case/{case}").text)
+    with sqlite3.connect(run / "reader" / "study.sqlite") as conn:  # eight days later
+        conn.execute("UPDATE sessions SET created_at = '2000-01-01T00:00:00.000+00:00' WHERE reader_id = "
+                     "(SELECT id FROM readers WHERE name = 'carol')")
+    expired = carol.get(f"/case/{case}")
+    assert expired.status_code == 401 and "expired" in expired.text
+    assert _login(run, links["carol"]).get(f"/case/{case}").status_code == 200  # the link opens a new one
+    admin = _login(run, links["admin"])
+    token = re.search(r'name="csrf" value="([^"]+)"', admin.get("/admin").text).group(1)
+    assert admin.post("/logout", data={"csrf": token, "who": "admin"}).status_code == 200
+    assert admin.get("/admin").status_code == 401
+
+
 def test_answers_upsert_history_and_return_to_first_open(study, tmp_path: Path):
     run, links = study
     client = _login(run, links["bob"])

@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,7 @@ ADMIN_COOKIE = "maskaudit_admin"
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
 SESSION = re.compile(r"^[A-Za-z0-9_-]{43}$")
 GO = ("prev", "stay", "next")
+ADMIN_SESSION = timedelta(hours=12)
 
 CSP = ("default-src 'none'; img-src 'self'; script-src 'self'; style-src 'self'; form-action 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -96,8 +98,13 @@ class Session:
     csrf: str
 
 
-def create_app(run_dir: Path) -> FastAPI:
-    """The app for the study in ``run_dir`` (``RUN/reader/study.sqlite``, made by ``maskaudit reader create``)."""
+def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
+    """The app for the study in ``run_dir`` (``RUN/reader/study.sqlite``, made by ``maskaudit reader create``).
+
+    A reader's session lasts ``session_days`` (the admin's :data:`ADMIN_SESSION`); after it, or after
+    logging out, the reader opens their link again and goes on where they stopped.
+    """
+    reader_session = timedelta(days=session_days)
     paths = study_paths(run_dir)
     if not paths.db.is_file():
         from maskaudit.errors import MaskauditError
@@ -147,10 +154,15 @@ def create_app(run_dir: Path) -> FastAPI:
         if not SESSION.match(value):
             raise Refused(401, "Open the personal link you were given." if not admin else "Admin login needed.")
         with db.opened(db_path) as conn:
-            row = conn.execute("SELECT s.reader_id, s.csrf, r.name FROM sessions s LEFT JOIN readers r "
+            row = conn.execute("SELECT s.reader_id, s.csrf, s.created_at, r.name FROM sessions s LEFT JOIN readers r "
                                "ON r.id = s.reader_id WHERE s.id_hash = ?", (db.digest(value),)).fetchone()
-        if row is None or (row["reader_id"] is None) != admin:
-            raise Refused(401, "This session is not valid; open your personal link again.")
+            if row is None or (row["reader_id"] is None) != admin:
+                raise Refused(401, "This session is not valid; open your personal link again.")
+            age = datetime.now(UTC) - datetime.fromisoformat(row["created_at"])
+            if age > (ADMIN_SESSION if admin else reader_session):
+                with db.transaction(conn):
+                    conn.execute("DELETE FROM sessions WHERE id_hash = ?", (db.digest(value),))
+                raise Refused(401, "Your session has expired; open your personal link again (answers are kept).")
         return Session(row["reader_id"], row["name"] or "admin", row["csrf"])
 
     def open_session(reader_id: int | None) -> str:
@@ -162,7 +174,8 @@ def create_app(run_dir: Path) -> FastAPI:
 
     def set_cookie(response: Response, request: Request, name: str, value: str, path: str = "/") -> None:
         response.set_cookie(name, value, httponly=True, samesite="strict", path=path,
-                            secure=request.url.scheme == "https", max_age=60 * 60 * 24 * 90)
+                            secure=request.url.scheme == "https",
+                            max_age=int((ADMIN_SESSION if name == ADMIN_COOKIE else reader_session).total_seconds()))
 
     def check_post(request: Request, form: dict[str, str], sess: Session) -> None:
         origin = request.headers.get("origin")
@@ -270,17 +283,34 @@ def create_app(run_dir: Path) -> FastAPI:
             raise Refused(422, "Unknown navigation.")
         return answers, comment, go
 
-    @app.post("/case/{opaque}")
-    async def save_case(opaque: str, request: Request) -> Response:
-        sess = session(request)
+    async def read_form(request: Request) -> dict[str, str]:
         if len(await request.body()) > 64_000:
             raise Refused(413, "This submission is too large.")
-        raw = await request.form()
         form: dict[str, str] = {}
-        for key, value in raw.multi_items():
+        for key, value in (await request.form()).multi_items():
             if not isinstance(value, str) or key in form:
                 raise Refused(422, f"Field {key[:40]!r} is sent twice or is not text.")
             form[key] = value
+        return form
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        """End the reader's (or, with ``who=admin``, the admin's) session; answers stay."""
+        form = await read_form(request)
+        admin = form.get("who") == "admin"
+        sess = session(request, admin)
+        check_post(request, form, sess)
+        cookie = ADMIN_COOKIE if admin else READER_COOKIE
+        with db.opened(db_path) as conn, db.transaction(conn):
+            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (db.digest(request.cookies[cookie]),))
+        response = message(200, "Logged out", "Your answers are saved. Open your personal link to go on.")
+        response.delete_cookie(cookie, path="/")
+        return response
+
+    @app.post("/case/{opaque}")
+    async def save_case(opaque: str, request: Request) -> Response:
+        sess = session(request)
+        form = await read_form(request)
         check_post(request, form, sess)
         answers, comment, go = parse_answers(form)
 
@@ -336,7 +366,7 @@ def create_app(run_dir: Path) -> FastAPI:
         sess = session(request)
         with db.opened(db_path) as conn:
             rows = order(conn, sess.reader_id)
-        return page("done.html", reader=sess.name, total=len(rows),
+        return page("done.html", reader=sess.name, csrf=sess.csrf, total=len(rows),
                     cases=[{"n": r["position"] + 1, "href": f"/case/{r['opaque']}",
                             "complete": r["n_answered"] >= len(classes)} for r in rows],
                     done=sum(r["n_answered"] >= len(classes) for r in rows))
@@ -367,7 +397,7 @@ def create_app(run_dir: Path) -> FastAPI:
 
     @app.get("/admin")
     def admin(request: Request) -> Response:
-        session(request, admin=True)
+        sess = session(request, admin=True)
         with db.opened(db_path) as conn:
             n_cases = conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
             readers = conn.execute(
@@ -375,7 +405,7 @@ def create_app(run_dir: Path) -> FastAPI:
                 "GROUP BY case_id HAVING COUNT(*) >= ?)) AS complete, (SELECT COUNT(*) FROM answers x "
                 "WHERE x.reader_id = r.id) AS n_answers, (SELECT MAX(updated_at) FROM answers x "
                 "WHERE x.reader_id = r.id) AS last FROM readers r ORDER BY r.name", (len(classes),)).fetchall()
-        return page("admin.html", n_cases=n_cases, classes=classes, readers=readers)
+        return page("admin.html", csrf=sess.csrf, n_cases=n_cases, classes=classes, readers=readers)
 
     @app.get("/admin/export.csv")
     def export(request: Request) -> Response:

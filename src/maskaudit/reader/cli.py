@@ -52,6 +52,9 @@ def serve(
     run_dir: RunArg,
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
+    session_days: Annotated[float, typer.Option("--session-days", min=0.01,
+                                                help="how long a reader stays logged in (then: open the link again)")]
+    = 7.0,
 ) -> None:
     """Start the web app readers answer in (Ctrl+C stops it; answers are saved as they are given)."""
 
@@ -64,7 +67,7 @@ def serve(
         from maskaudit.reader.study import study_paths
 
         _setup_logging(study_paths(run_dir).run.log)
-        app = create_app(run_dir)
+        app = create_app(run_dir, session_days)
         if host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: readers' links travel in clear over http; put it behind https", host)
         log.info("reader study on http://%s:%d (admin: the admin link printed by `reader create`)", host, port)
