@@ -56,9 +56,6 @@ __all__ = ["LUMINANCE", "ProbedModel", "load_probed_model", "maskaudit_model", "
 #: ITU-R BT.601 luma weights: an RGB image → the gray image a 1-channel model expects.
 LUMINANCE = (0.299, 0.587, 0.114)
 
-#: torchxrayvision's input convention, applied to the ``input`` fields a user leaves unset.
-XRV_RANGE = (-1024.0, 1024.0)
-
 #: Images per onnxruntime call (a model exported with a fixed batch size runs with that size).
 ONNX_CHUNK = 64
 
@@ -508,8 +505,9 @@ def _xrv_untrained(xrv: Any, weights: str, labels: list[str], resolution: int | 
     return net
 
 
-def _load_xrv(config: ProbedModelConfig) -> tuple[nn.Module, list[str], str, ProbeInput]:
-    """The xrv model, its output names, the resolved activation and the resolved input."""
+def _load_xrv(config: ProbedModelConfig) -> tuple[nn.Module, list[str], str]:
+    """The xrv model, its output names and the resolved activation (its input convention is filled into
+    ``config.input`` by the config itself: :meth:`ProbedModelConfig._xrv_input`)."""
     try:
         import torchxrayvision as xrv
     except ImportError as exc:
@@ -541,10 +539,7 @@ def _load_xrv(config: ProbedModelConfig) -> tuple[nn.Module, list[str], str, Pro
         # xrv's calibration outputs a constant 0.5 where the threshold is NaN: not a prediction
         nan = torch.isnan(thresholds.detach().cpu().flatten()).tolist()
         names = ["" if missing else n for n, missing in zip(names, nan, strict=False)]
-    given = config.input.model_fields_set
-    defaults = {"size": resolution, "channels": 1, "range": XRV_RANGE}
-    resolved = config.input.model_copy(update={k: v for k, v in defaults.items() if k not in given})
-    return net, names, activation, resolved
+    return net, names, activation
 
 
 def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_channels: int,
@@ -577,8 +572,8 @@ def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_chan
     threshold is NaN, a constant 0.5, is left unnamed); ``output.activation: auto`` is ``none`` when xrv
     calibrates the outputs (pretrained weights: ``op_threshs``), else ``sigmoid``; an explicit
     ``sigmoid`` or ``softmax`` turns the calibration off so the outputs are logits. Each ``input`` field
-    the user leaves unset gets xrv's convention: ``size`` = the weights' input resolution, ``channels``
-    1, ``range`` [-1024, 1024] (so a default ``input`` block gets all three).
+    the user leaves unset has xrv's convention, filled in by the config (``size`` = the weights' input
+    resolution, ``channels`` 1, ``range`` [-1024, 1024]).
 
     Raises
     ------
@@ -591,8 +586,7 @@ def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_chan
     net: nn.Module | None = None
     names = list(config.output.names) if config.output.names is not None else None
     activation = config.output.activation
-    input_config = config.input
-    if config.file is not None and not Path(config.file).is_file():
+    if config.file is not None and not Path(config.file).is_file():  # gone since the config was read
         raise _fail(config, f"file not found: {config.file}")
     if config.source == "python":
         net = _load_python(config)
@@ -601,7 +595,7 @@ def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_chan
     elif config.source == "onnx":
         session = _load_onnx(config, device)
     elif config.source == "torchxrayvision":
-        net, default_names, activation, input_config = _load_xrv(config)
+        net, default_names, activation = _load_xrv(config)
         names = names if names is not None else default_names
     else:  # pragma: no cover - the config's Literal rules it out
         raise _fail(config, f"unknown source {config.source!r}")
@@ -617,7 +611,7 @@ def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_chan
         raise _fail(config, f"it predicts none of the dataset's classes ({', '.join(classes)}); its outputs are "
                             f"{', '.join(repr(n) for n in names if n)}; map them with output.aliases")
     model = ProbedModel(config.name, config.source, net, session, classes, names, index, activation,
-                        in_channels, input_config, config.layer)
+                        in_channels, config.input, config.layer)
     model.to(device).eval()
     _check(model, config, in_channels, device, image_size, session)
     return model
