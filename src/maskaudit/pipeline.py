@@ -100,12 +100,7 @@ class Audit:
         data = config.data
         if data.source == "synthetic":
             return str(config.seed)
-        files = {}
-        for key, value in data:
-            if isinstance(value, Path) and value.is_file():
-                stat = value.stat()
-                files[key] = (stat.st_size, stat.st_mtime_ns)
-        return _hash(files)
+        return _hash({key: _file_stamp(value) for key, value in data if isinstance(value, Path) and value.is_file()})
 
     @staticmethod
     def _union_keys(roi: str | None) -> list[str]:

@@ -72,14 +72,12 @@ def run_baseline(audit) -> dict:
     store = audit.store()
     splits = audit.splits(store)
     columns = metadata_columns(store.metadata_columns, c.analyses.baseline.columns)
-    if c.predict.images == "all":
+    skipped = ("every image was scored (predict.images: all): no held-out images for a baseline"
+               if c.predict.images == "all" else "this data has no metadata: no baseline" if not columns else "")
+    if skipped:
         for name in ("baseline_auc", "baseline_tests"):
             write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
-        return {"status": "every image was scored (predict.images: all): no held-out images for a baseline"}
-    if not columns:
-        for name in ("baseline_auc", "baseline_tests"):
-            write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
-        return {"status": "this data has no metadata: no baseline"}
+        return {"status": skipped}
     train = {k: splits.train(k) for k in range(c.folds)}
     predictions, fits = baseline_predictions(store.kept, store.labels, store.classes, columns, train, splits.test)
     aucs, tests = baseline_tables(predictions, _predictions(audit), store.classes, c.baseline_pairs,
