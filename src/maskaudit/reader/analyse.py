@@ -34,9 +34,10 @@ import pandas as pd
 from scipy.stats import norm
 from sklearn.metrics import cohen_kappa_score
 
+from maskaudit.config import AuditConfig, load_config
 from maskaudit.errors import MaskauditError
 from maskaudit.reader import db
-from maskaudit.reader.study import study_paths
+from maskaudit.reader.study import StudyPaths, study_paths
 from maskaudit.rundir import write_json, write_table
 from maskaudit.stats import auc_ci
 
@@ -63,6 +64,15 @@ def wilson(successes: int, n: int, level: float = LEVEL) -> tuple[float, float, 
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rates(tp: int, fn: int, tn: int, fp: int, level: float) -> dict:
+    """The four counts, sensitivity TP / (TP + FN) and specificity TN / (TN + FP), each with its Wilson interval."""
+    sens, sens_lo, sens_hi = wilson(tp, tp + fn, level)
+    spec, spec_lo, spec_hi = wilson(tn, tn + fp, level)
+    return {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
+            "sensitivity": sens, "sensitivity_low": sens_lo, "sensitivity_high": sens_hi,
+            "specificity": spec, "specificity_low": spec_lo, "specificity_high": spec_hi}
 
 
 def fleiss_kappa(counts: np.ndarray) -> float:
@@ -134,8 +144,6 @@ def reader_table(answers: pd.DataFrame, assignments: pd.DataFrame, classes: list
             pos, neg = decided[decided["label"] == 1], decided[decided["label"] == 0]
             tp, fn = int((pos["answer"] == "present").sum()), int((pos["answer"] == "absent").sum())
             tn, fp = int((neg["answer"] == "absent").sum()), int((neg["answer"] == "present").sum())
-            sens, sens_lo, sens_hi = wilson(tp, tp + fn, level)
-            spec, spec_lo, spec_hi = wilson(tn, tn + fp, level)
             reasons = []
             if tp + fn == 0:
                 reasons.append("sensitivity undefined: no positive case answered present/absent")
@@ -149,9 +157,7 @@ def reader_table(answers: pd.DataFrame, assignments: pd.DataFrame, classes: list
             rows.append({
                 "reader": reader, "strategy": strategy, "class": name, "n_cases": int(n), "n_answered": len(part),
                 "n_cannot_tell": int((part["answer"] == "cannot_tell").sum()), "n_pos": int((part["label"] == 1).sum()),
-                "n_neg": int((part["label"] == 0).sum()), "tp": tp, "fn": fn, "tn": tn, "fp": fp,
-                "sensitivity": sens, "sensitivity_low": sens_lo, "sensitivity_high": sens_hi,
-                "specificity": spec, "specificity_low": spec_lo, "specificity_high": spec_hi,
+                "n_neg": int((part["label"] == 0).sum()), **rates(tp, fn, tn, fp, level),
                 "auc": est.auc if est else math.nan, "auc_low": est.ci_low if est else math.nan,
                 "auc_high": est.ci_high if est else math.nan, "reason": "; ".join(reasons),
             })
@@ -199,16 +205,13 @@ def _model_pairs(paths, assignments: pd.DataFrame, config) -> list[tuple[str, st
     return [(s, s, study_fold(config)) for s in sorted(assignments["strategy"].unique())]
 
 
-def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str],
+def model_table(paths: StudyPaths, assignments: pd.DataFrame, classes: list[str], config: AuditConfig | None,
                 level: float = LEVEL) -> tuple[pd.DataFrame, str]:
     """The models on the study's images (see the module's docstring); empty with a reason when unavailable."""
     from maskaudit.metrics import prediction_sets
-    from maskaudit.pipeline import Audit
 
-    paths = study_paths(run_dir)
-    if not paths.run.predictions.is_file() or not paths.run.config.is_file():
+    if not paths.run.predictions.is_file() or config is None:
         return pd.DataFrame(), f"no model comparison: {paths.run.predictions} or config.yaml is missing"
-    config = Audit.open(Path(run_dir)).config
     predictions = pd.read_parquet(paths.run.predictions)
     images_of = {s: set(part["image_id"]) for s, part in assignments.groupby("strategy")}
     rows = []
@@ -226,24 +229,12 @@ def model_table(run_dir: Path, assignments: pd.DataFrame, classes: list[str],
             est = auc_ci(frame["label"].to_numpy(float), frame["probability"].to_numpy(float), level)
             said = frame["probability"] >= THRESHOLD
             pos, neg = frame["label"] == 1, frame["label"] == 0
-            tp, fn, tn, fp = int((said & pos).sum()), int((~said & pos).sum()), int((~said & neg).sum()), \
-                int((said & neg).sum())
-            sens, sens_lo, sens_hi = wilson(tp, tp + fn, level)
-            spec, spec_lo, spec_hi = wilson(tn, tn + fp, level)
-            rows.append({**row, "n_images": len(frame), "n_pos": int(pos.sum()), "n_neg": int(neg.sum()),
-                         "tp": tp, "fn": fn, "tn": tn, "fp": fp,
-                         "sensitivity": sens, "sensitivity_low": sens_lo, "sensitivity_high": sens_hi,
-                         "specificity": spec, "specificity_low": spec_lo, "specificity_high": spec_hi,
+            counts = rates(int((said & pos).sum()), int((~said & pos).sum()), int((~said & neg).sum()),
+                           int((said & neg).sum()), level)
+            rows.append({**row, "n_images": len(frame), "n_pos": int(pos.sum()), "n_neg": int(neg.sum()), **counts,
                          "auc": est.auc, "auc_low": est.ci_low, "auc_high": est.ci_high,
                          "reason": f"AUC: {est.reason}" if est.reason else ""})
     return pd.DataFrame(rows), ""
-
-
-def _level(paths) -> float:
-    """The run's confidence level (``analyses.level``); 95 % for a study outside a run (``--cases``)."""
-    from maskaudit.config import load_config
-
-    return load_config(paths.run.config).analyses.level if paths.run.config.is_file() else LEVEL
 
 
 def analyse_study(run_dir: Path) -> dict[str, Path]:
@@ -255,10 +246,11 @@ def analyse_study(run_dir: Path) -> dict[str, Path]:
     answers, assignments, classes = load_answers(paths.db)
     if answers.empty:
         raise MaskauditError(f"{paths.db} holds no answer yet; readers answer in `maskaudit reader serve {run_dir}`")
-    level = _level(paths)
+    config = load_config(paths.run.config) if paths.run.config.is_file() else None  # none: a study outside a run
+    level = config.analyses.level if config is not None else LEVEL
     readers = reader_table(answers, assignments, classes, level)
     pairs, fleiss = kappa_tables(answers, classes)
-    model, model_reason = model_table(run_dir, assignments, classes, level)
+    model, model_reason = model_table(paths, assignments, classes, config, level)
     out = paths.results
     tables = {"readers": readers, "kappa_pairs": pairs, "kappa_fleiss": fleiss, "model": model}
     written = {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,13 +17,20 @@ RunArg = Annotated[Path, typer.Argument(help="run directory")]
 log = logging.getLogger(__name__)
 
 
-def _wrap(fn):
-    from maskaudit.cli import user_errors
+def _user_errors(fn: Callable) -> Callable:
+    """:func:`maskaudit.cli.user_errors`, looked up when the command runs (maskaudit.cli imports this module)."""
 
-    return user_errors(fn)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from maskaudit.cli import user_errors
+
+        return user_errors(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 @reader_app.command()
+@_user_errors
 def create(
     run_dir: RunArg,
     readers: Annotated[str, typer.Option("--readers", help="comma-separated reader names, e.g. alice,bob")],
@@ -31,23 +40,19 @@ def create(
         "--base-url", help="address the readers will open (as `serve` will listen)")] = "http://127.0.0.1:8000",
 ) -> None:
     """Create the study (or add readers to it): print each reader's personal link once, and the admin's."""
+    from maskaudit.cli import _setup_logging
+    from maskaudit.reader.study import create_study, parse_readers, study_paths
 
-    @_wrap
-    def go() -> None:
-        from maskaudit.cli import _setup_logging
-        from maskaudit.reader.study import create_study, parse_readers, study_paths
-
-        _setup_logging(study_paths(run_dir).run.log if run_dir.is_dir() else None)
-        links = create_study(run_dir, parse_readers(readers), cases, base_url)
-        for name, link in links.items():
-            typer.echo(f"{name}\t{link}")
-        typer.echo(f"(also written to {study_paths(run_dir).links}, readable by you only; the study keeps only "
-                   "hashes, so these links cannot be shown again)")
-
-    go()
+    _setup_logging(study_paths(run_dir).run.log if run_dir.is_dir() else None)
+    links = create_study(run_dir, parse_readers(readers), cases, base_url)
+    for name, link in links.items():
+        typer.echo(f"{name}\t{link}")
+    typer.echo(f"(also written to {study_paths(run_dir).links}, readable by you only; the study keeps only "
+               "hashes, so these links cannot be shown again)")
 
 
 @reader_app.command()
+@_user_errors
 def serve(
     run_dir: RunArg,
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
@@ -57,43 +62,34 @@ def serve(
     = 7.0,
 ) -> None:
     """Start the web app readers answer in (Ctrl+C stops it; answers are saved as they are given)."""
+    import uvicorn
 
-    @_wrap
-    def go() -> None:
-        import uvicorn
+    from maskaudit.cli import _setup_logging
+    from maskaudit.reader.app import create_app
+    from maskaudit.reader.study import study_paths
 
-        from maskaudit.cli import _setup_logging
-        from maskaudit.reader.app import create_app
-        from maskaudit.reader.study import study_paths
-
-        _setup_logging(study_paths(run_dir).run.log)
-        app = create_app(run_dir, session_days)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: readers' links travel in clear over http; put it behind https", host)
-        log.info("reader study on http://%s:%d (admin: the admin link printed by `reader create`)", host, port)
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-
-    go()
+    _setup_logging(study_paths(run_dir).run.log)
+    app = create_app(run_dir, session_days)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: readers' links travel in clear over http; put it behind https", host)
+    log.info("reader study on http://%s:%d (admin: the admin link printed by `reader create`)", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
 @reader_app.command()
+@_user_errors
 def analyse(run_dir: RunArg) -> None:
     """Score the answers against the labels, readers' agreement and the models; update the report."""
+    from maskaudit.cli import _setup_logging
+    from maskaudit.pipeline import Audit
+    from maskaudit.reader.analyse import analyse_study
+    from maskaudit.reader.study import study_paths
 
-    @_wrap
-    def go() -> None:
-        from maskaudit.cli import _setup_logging
-        from maskaudit.pipeline import Audit
-        from maskaudit.reader.analyse import analyse_study
-        from maskaudit.reader.study import study_paths
-
-        _setup_logging(study_paths(run_dir).run.log)
-        written = analyse_study(run_dir)
-        for path in written.values():
-            typer.echo(f"{path.with_suffix('.csv')}")
-        if study_paths(run_dir).run.config.is_file():
-            audit = Audit.open(run_dir)
-            audit.report(force=True)
-            typer.echo(f"report: {audit.run.report}")
-
-    go()
+    _setup_logging(study_paths(run_dir).run.log)
+    written = analyse_study(run_dir)
+    for path in written.values():
+        typer.echo(f"{path.with_suffix('.csv')}")
+    if study_paths(run_dir).run.config.is_file():
+        audit = Audit.open(run_dir)
+        audit.report(force=True)
+        typer.echo(f"report: {audit.run.report}")
