@@ -35,6 +35,10 @@ class Record:
     column to a value (``None`` when missing); ``split`` is an official split (``"test"``
     puts the image in the hold-out set) or ``None``; ``key`` is whatever the source's
     :meth:`Source.load` needs (a row number, a path), and must be picklable.
+    ``no_masks`` is empty when the record has every ROI mask of the source; otherwise it says
+    why it has none (e.g. no usable CheXmask row), and :meth:`Source.load` returns no ROI for
+    it. The store rejects such a record with that reason, unless it prepares an external set
+    (scored under ``full`` alone, as the study scored everything unmasked).
     """
 
     image_id: str
@@ -45,6 +49,7 @@ class Record:
     split: str | None = None
     key: Any = None
     row: int | None = None
+    no_masks: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,3 +108,12 @@ class Source(ABC):
     @abstractmethod
     def load(self, record: Record) -> Loaded:
         """Decode one record's image and ROI masks. Raise ``MaskauditError`` for an unreadable file."""
+
+    def header_problem(self, record: Record) -> str:
+        """Why ``load`` would fail for this record, found from file headers alone (no pixel decoding).
+
+        ``maskaudit check`` calls it for every kept record: an empty string when the headers look
+        loadable, else the reason ``prepare`` would give (``unreadable image or mask: …``,
+        ``mask size mismatch: …``). The default opens nothing.
+        """
+        return ""
