@@ -88,6 +88,15 @@ class SyntheticData(Strict):
         return list(self.classes)
 
 
+class DicomOptions(Strict):
+    """How DICOM images are turned into pixels (see :mod:`maskaudit.data.dicom` for all the rules)."""
+
+    window: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: apply the file's VOI LUT or window (Window Center/Width) when it has one; none: never",
+    )
+
+
 class FolderData(Strict):
     """Any folder of images with masks and a labels CSV (one row per image)."""
 
@@ -104,6 +113,7 @@ class FolderData(Strict):
         None, description="a column whose value 'test' puts the row in the hold-out test set (official split)"
     )
     color: Literal["gray", "rgb"] = "gray"
+    dicom: DicomOptions = DicomOptions()
 
     @model_validator(mode="after")
     def _names_distinct(self) -> FolderData:

@@ -10,8 +10,9 @@ and masks alike, so both land on the same pixel grid.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -19,11 +20,44 @@ from PIL import Image
 
 from maskaudit.errors import MaskauditError
 
+if TYPE_CHECKING:
+    from maskaudit.config import DicomOptions
+
 Color = Literal["gray", "rgb"]
+
+#: Bytes read to recognise a DICOM file: the 128-byte preamble and the ``DICM`` marker.
+_HEAD_BYTES = 132
 
 #: Pillow modes whose pixels are wider than 8 bits; decoded through numpy, never ``convert("L")``
 #: (which clips 16-bit values instead of scaling them).
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, without decoding its pixels (see :func:`image_header`)."""
+
+    height: int
+    width: int
+    channels: int
+    frames: int
+    kind: str
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of ``path`` (to recognise DICOM); MaskauditError when it is missing or unreadable."""
+    if not path.is_file():
+        raise MaskauditError(f"{path}: file not found")
+    try:
+        with path.open("rb") as handle:
+            return handle.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise MaskauditError(f"{path}: cannot read file ({type(exc).__name__}: {exc})") from None
+
+
+def _is_dicom(path: Path, head: bytes) -> bool:
+    """A ``.dcm`` name (any case), or the ``DICM`` marker at byte 128 whatever the name."""
+    return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
 
 
 def _open(path: Path) -> Image.Image:
@@ -74,19 +108,26 @@ def _wide_to_uint16(values: np.ndarray) -> np.ndarray:
     return np.rint((values.astype(np.float64) - low) / span * 65535).astype(np.uint16)
 
 
-def read_image(path: Path, color: Color = "gray") -> np.ndarray:
+def read_image(path: Path, color: Color = "gray", dicom: DicomOptions | None = None) -> np.ndarray:
     """Decode one image file into a gray or RGB array.
 
     Parameters
     ----------
     path : Path
-        Any file Pillow reads (PNG, JPEG, TIFF, BMP …), 8 or 16 bit, any mode.
+        Any file Pillow reads (PNG, JPEG, TIFF, BMP …), 8 or 16 bit, any mode; or a
+        single-frame DICOM file (a ``.dcm`` name, or the ``DICM`` marker at byte 128 whatever
+        the name), decoded by :mod:`maskaudit.data.dicom` (rescale, VOI LUT / window,
+        MONOCHROME1 inversion, YBR → RGB; the rules and their sources are listed there).
     color : {"gray", "rgb"}
         ``"gray"``: one channel. 16-bit (and 32-bit integer / float) files keep their
         precision as uint16; 8-bit files stay uint8; colour files are converted with
         Pillow's luma transform (ITU-R 601-2); the alpha of LA/RGBA is dropped.
         ``"rgb"``: three channels as uint8; 16-bit gray files are narrowed (``round(v / 257)``)
         and copied to the three channels; alpha is dropped (not composited).
+    dicom : DicomOptions, optional
+        How DICOM files are decoded (``window``: ``"auto"`` applies the file's VOI LUT or
+        window when it has one, ``"none"`` never does); default ``DicomOptions()``. Ignored
+        for other files.
 
     Returns
     -------
@@ -96,10 +137,18 @@ def read_image(path: Path, color: Color = "gray") -> np.ndarray:
     ------
     MaskauditError
         When the file is missing, not an image, truncated or corrupt, or larger than
-        ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb).
+        ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb); for DICOM also when
+        it is multi-frame, has no pixel data, or uses a compressed transfer syntax that no
+        installed decoder reads (the message says what to ``pip install``).
     """
     if color not in ("gray", "rgb"):
         raise ValueError(f"color must be 'gray' or 'rgb', got {color!r}")
+    path = Path(path)
+    head = _head(path)
+    if _is_dicom(path, head):
+        from maskaudit.data.dicom import read_dicom_image
+
+        return read_dicom_image(path, head, color, window=dicom.window if dicom is not None else "auto")
     img = _open(path)
     if img.mode in _WIDE_MODES:
         gray16 = _wide_to_uint16(np.asarray(img))
@@ -124,12 +173,20 @@ def read_mask(path: Path) -> np.ndarray:
     Gray masks (any bit depth): ``value > 0``. Colour masks (RGB, paletted): a pixel is in the
     mask when any of its colour channels is ``> 0``, so a mask drawn in any colour works (for
     gray-looking colour files this is the same as the first channel). Alpha is ignored.
+    DICOM masks: the decoded stored values ``> 0`` (no rescale, window or MONOCHROME1
+    inversion), any channel for colour files.
 
     Raises
     ------
     MaskauditError
         As :func:`read_image`.
     """
+    path = Path(path)
+    head = _head(path)
+    if _is_dicom(path, head):
+        from maskaudit.data.dicom import read_dicom_mask
+
+        return read_dicom_mask(path, head)
     img = _open(path)
     values = np.asarray(img)
     if values.ndim == 2:
@@ -137,6 +194,53 @@ def read_mask(path: Path) -> np.ndarray:
     if img.mode in ("LA", "La"):
         return values[:, :, 0] > 0
     return np.any(values[:, :, :3] > 0, axis=2)
+
+
+def image_header(path: Path) -> ImageHeader:
+    """Size, channels, frames and format of an image file, from its header only (no pixel decoding).
+
+    Pillow files: ``Image.open`` without ``load()``; ``height``/``width`` as Pillow reports
+    them (no EXIF rotation), ``channels`` the band count of the mode (a palette image counts
+    as 3, or 4 with transparency: what :func:`read_image` decodes it to), ``frames`` Pillow's
+    ``n_frames`` (1 when the format has none), ``kind`` Pillow's format in lower case
+    (``"png"``, ``"jpeg"``, ``"tiff"`` …). DICOM files (as :func:`read_image` recognises
+    them): pydicom's ``dcmread(..., stop_before_pixels=True)``; *Rows*, *Columns*, *Samples
+    per Pixel* (a palette image counts as 3), *Number of Frames* (1 when absent), ``kind``
+    ``"dicom"``.
+
+    Raises
+    ------
+    MaskauditError
+        When the file is missing or its header cannot be read (not an image, a DICOM file
+        without Rows/Columns), or the image is larger than ``PIL.Image.MAX_IMAGE_PIXELS``.
+    """
+    path = Path(path)
+    head = _head(path)
+    if _is_dicom(path, head):
+        from maskaudit.data import dicom
+
+        ds = dicom.read_dataset(path, head, header_only=True)
+        rows, columns, samples, frames = dicom.geometry(ds, path)
+        return ImageHeader(rows, columns, dicom.header_channels(ds, samples), frames, "dicom")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if img.mode == "P":
+                    channels = 4 if _has_alpha(img) else 3
+                else:
+                    channels = len(img.getbands())
+                frames = int(getattr(img, "n_frames", 1))
+                kind = (img.format or "unknown").lower()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise MaskauditError(
+            f"{path}: refused as a possible decompression bomb ({exc}); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
+        raise MaskauditError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from None
+    return ImageHeader(height, width, channels, frames, kind)
 
 
 def pad_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:

@@ -235,7 +235,7 @@ class FolderSource(Source):
             When a file cannot be decoded, or a mask's size differs from the image's.
         """
         key: FolderKey = record.key
-        image = read_image(Path(key.image), self.color)
+        image = read_image(Path(key.image), self.color, dicom=self.config.dicom)
         rois: dict[str, np.ndarray] = {}
         for roi, mask_path in key.masks:
             mask = read_mask(Path(mask_path))
