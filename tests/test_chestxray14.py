@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from published import chexmask_row
 
 from maskaudit.config import config_from_dict
 from maskaudit.data.imaging import read_image, read_mask
-from maskaudit.data.rle import encode_rle
 from maskaudit.data.sources import make_source
 from maskaudit.data.sources.base import Record, Rejected
 from maskaudit.data.sources.chestxray14 import ChestXray14Source
@@ -37,11 +37,8 @@ def build(cxr_dir: Path, root: Path) -> dict:
         if i != 4:  # row 4: no CheXmask row
             left = lungs.copy()
             left[:, : w // 2] = False
-            masks.append({
-                "Image Index": name, "Dice RCA (Max)": 0.9, "Dice RCA (Mean)": 0.5 if i == 6 else 0.85,
-                "Landmarks": "[]", "Left Lung": encode_rle(left), "Right Lung": encode_rle(lungs & ~left),
-                "Heart": encode_rle(lungs[::-1]), "Height": h, "Width": w,
-            })  # fmt: skip
+            masks.append(chexmask_row("Image Index", name, left, lungs & ~left, lungs[::-1],
+                                      dice=0.5 if i == 6 else 0.85))
     pd.DataFrame(entries).to_csv(root / "Data_Entry_2017.csv", index=False)
     pd.DataFrame(masks).to_csv(root / "ChestX-Ray8.csv", index=False)
     return {"root": root, "table": table}
@@ -63,10 +60,13 @@ def test_chestxray14(cxr_dir: Path, tmp_path: Path):
     items = list(source.records())
     kept = {r.image_id: r for r in items if isinstance(r, Record)}
     rejected = {r.image_id: r.reason for r in items if isinstance(r, Rejected)}
-    assert set(kept) == {f"{i:08d}_000.png" for i in (0, 1, 2, 3)}
+    # rows 4 and 6 lack a usable CheXmask row: offered without masks (scored under `full` as an external set)
+    assert set(kept) == {f"{i:08d}_000.png" for i in (0, 1, 2, 3, 4, 6)}
     assert rejected["00000005_000.png"].startswith("no labels")
-    assert rejected["00000004_000.png"].startswith("no CheXmask mask")
-    assert rejected["00000006_000.png"].startswith("low CheXmask quality")
+    assert kept["00000004_000.png"].no_masks.startswith("no CheXmask mask")
+    assert kept["00000006_000.png"].no_masks.startswith("low CheXmask quality")
+    assert not any(kept[f"{i:08d}_000.png"].no_masks for i in (0, 1, 2, 3))
+    assert source.load(kept["00000004_000.png"]).rois == {}
     assert rejected["00000007_000.png"].startswith("image file not found")
     first = kept["00000000_000.png"]
     assert first.labels == {"cardiomegaly": 1, "pneumonia": 0, "atelectasis": 0, "pneumothorax": 0, "effusion": 1}
@@ -76,3 +76,25 @@ def test_chestxray14(cxr_dir: Path, tmp_path: Path):
     assert kept["00000003_000.png"].source_path == "images_002/images/00000003_000.png"
     loaded = source.load(first)
     assert np.array_equal(loaded.rois["lungs"], read_mask(cxr_dir / tree["table"].iloc[0]["mask"]))
+
+
+def test_external_store_keeps_images_without_masks(cxr_dir: Path, tmp_path: Path):
+    """As an external set (masks optional) every labelled image is kept; only those with a CheXmask mask are masked."""
+    from maskaudit.data.store import NO_MASK, prepare_store
+
+    build(cxr_dir, tmp_path)
+    config = config_from_dict({"data": {"source": "chestxray14", "root": str(tmp_path),
+                                        "labels_csv": str(tmp_path / "Data_Entry_2017.csv"),
+                                        "chexmask_csv": str(tmp_path / "ChestX-Ray8.csv")}})  # fmt: skip
+    source = make_source(config)
+    external = prepare_store(source, tmp_path / "external", 32, workers=1, progress=False, masks="optional")
+    assert external.n == 6 and int(external.masked.sum()) == 4
+    without = external.kept.loc[~external.masked, "image_id"].tolist()
+    assert without == ["00000004_000.png", "00000006_000.png"]
+    assert external.kept.loc[~external.masked, "no_masks"].str.startswith(("no CheXmask mask", "low CheXmask")).all()
+    assert (np.asarray(external.distance("lungs"))[~external.masked] == NO_MASK).all()
+    assert external.kept.loc[~external.masked, "roi_fraction_lungs"].isna().all()
+    training = prepare_store(source, tmp_path / "training", 32, workers=1, progress=False)
+    assert training.n == 4 and training.masked.all()
+    reasons = training.manifest.set_index("image_id")["reason"]
+    assert reasons["00000004_000.png"].startswith("no CheXmask mask: '00000004_000.png' not in ChestX-Ray8.csv")

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from published import chexmask_row
 
 from maskaudit.config import config_from_dict, load_config
 from maskaudit.data.imaging import read_image, read_mask
-from maskaudit.data.rle import decode_rle, encode_rle
+from maskaudit.data.rle import decode_rle
 from maskaudit.data.sources import make_source
 from maskaudit.data.sources.base import Record, Rejected
 from maskaudit.data.sources.padchest import PadChestSource
@@ -80,13 +81,9 @@ def build_padchest(cxr_dir: Path, root: Path, n_good: int = 30) -> dict:
             "MethodProjection": "Manual review of DICOM fields", "Labels": labels,
             "Localizations": "[]", "LabelsLocalizationsBySentence": "[['normal']]", "labelCUIS": "[]",
         })  # fmt: skip
-        if mask:
-            h, w = lungs.shape
-            mask_rows.append({
-                "ImageID": image_id, "Dice RCA (Max)": min(1.0, dice + 0.05), "Dice RCA (Mean)": dice,
-                "Landmarks": "[[1, 2], [3, 4]]", "Left Lung": encode_rle(left), "Right Lung": encode_rle(right),
-                "Heart": encode_rle(heart), "Height": h + size_delta, "Width": w,
-            })  # fmt: skip
+        if mask:  # OriginalResolution's form: numpy-array Landmarks, printed over many lines
+            mask_rows.append(chexmask_row("ImageID", image_id, left, right, heart, dice=dice,
+                                          height=lungs.shape[0] + size_delta))
 
     for i in range(n_good):
         labels = LABEL_CYCLE[i % len(LABEL_CYCLE)]
@@ -144,20 +141,24 @@ def test_rules_and_reasons(padchest: dict):
     items = list(padchest and source_of(padchest).records())
     kept = {r.image_id: r for r in items if isinstance(r, Record)}
     rejected = {r.image_id: r.reason for r in items if isinstance(r, Rejected)}
-    # every good row is kept (including lower-case 'unchanged') and badsize, which fails only at load
-    assert set(kept) == {f"good_{i:02d}.png" for i in range(padchest["n_good"])} | {"badsize.png"}
+    # every good row is kept (including lower-case 'unchanged') and badsize, which fails only at load;
+    # rows without a usable CheXmask row are offered without masks (the store decides)
+    without_masks = {"lowdice.png": "low CheXmask quality", "edgedice.png": "low CheXmask quality",
+                     "nomask.png": "no CheXmask mask"}  # fmt: skip
+    assert set(kept) == {f"good_{i:02d}.png" for i in range(padchest["n_good"])} | {"badsize.png", *without_masks}
+    assert all(kept[i].no_masks == "" for i in kept if i not in without_masks)
+    for image_id, kind in without_masks.items():
+        assert kept[image_id].no_masks.startswith(kind) and "row " in kept[image_id].no_masks
     expected = {
         "nolabels.png": "no labels", "emptylist.png": "no labels", "subopt.png": "excluded label",
         "exclude.png": "excluded label", "Unchanged.png": "excluded label", "lateral.png": "projection not kept",
-        "unknownproj.png": "projection not kept", "lowdice.png": "low CheXmask quality",
-        "edgedice.png": "low CheXmask quality", "nomask.png": "no CheXmask mask",
-        "missingfile.png": "image file not found", "invalid.png": "invalid image",
-        "good_00.png": "duplicate image id",
+        "unknownproj.png": "projection not kept", "missingfile.png": "image file not found",
+        "invalid.png": "invalid image", "good_00.png": "duplicate image id",
     }  # fmt: skip
     for image_id, kind in expected.items():
         assert rejected[image_id].startswith(kind), (image_id, rejected[image_id])
         assert "row " in rejected[image_id]
-    assert "0.700 <= 0.7" in rejected["edgedice.png"]
+    assert "0.700 <= 0.7" in kept["edgedice.png"].no_masks
     # label cleaning: strip, lower-case, de-duplicate, 'pleural effusion' -> 'effusion'
     assert kept["good_00.png"].labels == {"cardiomegaly": 1, "pneumonia": 0, "atelectasis": 0, "pneumothorax": 0,
                                           "effusion": 1}  # fmt: skip
@@ -173,7 +174,7 @@ def test_rules_and_reasons(padchest: dict):
 
 def test_options(padchest: dict):
     items = list(source_of(padchest, drop_unchanged_lowercase=True, min_dice_rca=0.6).records())
-    kept = {r.image_id for r in items if isinstance(r, Record)}
+    kept = {r.image_id for r in items if isinstance(r, Record) and not r.no_masks}
     assert "good_03.png" not in kept and {"lowdice.png", "edgedice.png"} <= kept
     no_invalid = data_section(padchest)
     no_invalid.pop("invalid_csv")
@@ -194,11 +195,15 @@ def test_load_and_store(padchest: dict, tmp_path: Path):
     assert store.n == padchest["n_good"] and store.dtype == np.uint16 and store.rois == ["lungs", "heart"]
     bad = store.manifest.set_index("image_id").loc["badsize.png"]
     assert bad["status"] == "rejected" and bad["reason"].startswith("mask size mismatch")
+    # `maskaudit check` finds the same reason from the PNG header alone
+    problems = {r.image_id: source.header_problem(r) for r in source.records() if isinstance(r, Record)}
+    assert problems.pop("badsize.png") == bad["reason"] and set(problems.values()) == {""}
     assert "badsize.png" in bad["reason"] and "CheXmask" in bad["reason"]
     kinds = store.counts()
     counts = dict(zip(kinds["reason"], kinds["count"], strict=True))
     assert counts["no labels"] == 2 and counts["excluded label"] == 3 and counts["projection not kept"] == 2
-    assert counts["low CheXmask quality"] == 2 and counts["mask size mismatch"] == 1
+    assert counts["low CheXmask quality"] == 2 and counts["mask size mismatch"] == 1 and counts["no CheXmask mask"] == 1
+    assert not store.kept["no_masks"].any() and store.masked.all()  # a training set keeps no image without masks
     assert store.kept[["birth_year", "sex", "projection"]].notna().any().all()
 
 
@@ -259,3 +264,6 @@ def test_study_config_runs_end_to_end(padchest: dict, cxr_dir: Path, tmp_path: P
     assert "excluded label" in html
     preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert set(preds["dataset"]) == {"main", "chestxray14"}
+    # the external set as the study used it: every image under `full`, the masked strategies where CheXmask has a mask
+    scored = preds[preds["dataset"] == "chestxray14"].groupby("test_strategy")["image_id"].nunique()
+    assert scored["full"] == 6 and set(scored.drop("full")) == {4} and len(scored) == len(config.eval_strategies)

@@ -4,8 +4,9 @@ The table has one row per (train strategy, fold, test strategy, image, class), w
 image's label and the model's probability, a ``dataset`` column (``main`` for the run's own
 data, else the external dataset's name) and a ``split`` column: ``test`` for the hold-out
 set, ``val`` for the job's own validation fold, ``external`` for every image of an
-external dataset. External images are scored under every test strategy their masks allow
-(``full`` alone when they have none); a class the external data does not label gets NaN
+external dataset. External images are scored under every test strategy their masks allow:
+``full`` for every image, the masked strategies for those that have masks
+(:attr:`Store.masked`; none when the external data has no ROI); a class the external data does not label gets NaN
 labels, so its AUC is reported missing with the reason. Each job writes its part into its
 folder (so a killed prediction stage resumes job by job); the run's
 ``predictions.parquet`` is their concatenation, the single source of every metric.
@@ -53,6 +54,25 @@ def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, te
                 out[strategy].append(probabilities(model, batch.masked(strategy, config, store)).cpu().numpy())
     n_classes = model.n_classes
     return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
+
+
+def predict_parts(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
+                  config: AuditConfig, device: torch.device) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """:func:`predict_images` over the images each strategy applies to: (indices, probabilities) per part.
+
+    One part when every image has its masks; else ``full`` on all of them and the masked
+    strategies on those with masks (an external set with images that lack a usable mask).
+    """
+    masked = store.masked[indices]
+    others = [s for s in test_strategies if s != "full"]
+    if masked.all() or not others:
+        return [(indices, predict_images(model, store, indices, test_strategies, config, device))]
+    parts = []
+    if "full" in test_strategies:
+        parts.append((indices, predict_images(model, store, indices, ["full"], config, device)))
+    if masked.any():
+        parts.append((indices[masked], predict_images(model, store, indices[masked], others, config, device)))
+    return parts
 
 
 def long_table(probs: dict[str, np.ndarray], store: Store, indices: np.ndarray, classes: list[str],
@@ -121,10 +141,9 @@ def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, 
         if ext_store.channels != store.channels:
             raise MaskauditError(f"external dataset {name!r} has {ext_store.channels}-channel images, "
                                  f"the models were trained on {store.channels}")
-        indices = np.arange(ext_store.n)
-        probs = predict_images(model, ext_store, indices, scorable_strategies(ext_config, ext_store), ext_config,
-                               device)
-        frames.append(long_table(probs, ext_store, indices, store.classes, name, "external", strategy, fold))
+        for indices, probs in predict_parts(model, ext_store, np.arange(ext_store.n),
+                                            scorable_strategies(ext_config, ext_store), ext_config, device):
+            frames.append(long_table(probs, ext_store, indices, store.classes, name, "external", strategy, fold))
     table = pd.concat(frames, ignore_index=True)
     table["label"] = table["label"].astype("float32")
     table["probability"] = table["probability"].astype("float32")

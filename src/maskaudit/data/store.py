@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -55,12 +55,14 @@ MANIFEST = "manifest.parquet"
 IMAGES = "images.npy"
 WORK = ".partial"
 #: the parent records finished slots after this many results or this many seconds, whichever first
+#: the distance-map value of an image without masks (kept only in an external set): never inside any ROI
+NO_MASK = np.iinfo(np.int16).max
 CHECKPOINT_EVERY = 64
 CHECKPOINT_SECONDS = 2.0
 #: slot states in ``.partial/state.npy``
 _PENDING, _FAILED, _DONE8, _DONE16 = 0, 1, 8, 16
 #: manifest columns that classes and metadata columns may not reuse
-FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split")
+FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split", "no_masks")
 
 
 def dist_file(key: str) -> str:
@@ -137,7 +139,11 @@ def _load_failure(exc: MaskauditError) -> str:
 
 
 def _process(source: Source, record: Record, slot: int, settings: _Settings) -> _Result:
-    """Load, resize and measure one record. User-caused problems become a failure reason."""
+    """Load, resize and measure one record. User-caused problems become a failure reason.
+
+    A record without masks (``record.no_masks``, kept only in an external set) gets
+    :data:`NO_MASK` distance maps and NaN ROI fractions.
+    """
     try:
         loaded = source.load(record)
     except MaskauditError as exc:
@@ -153,6 +159,8 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
             f"{source.name}: load({record.image_id!r}) gave shape {image.shape}, expected {expected}"
         )
     where = record.source_path or record.image_id
+    if record.no_masks:
+        return _measured(slot, image, {}, settings, where)
     fractions = []
     for roi in settings.rois:
         if roi not in loaded.rois:
@@ -167,21 +175,32 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
         if not mask.any():
             return _Result(slot, failure=f"empty ROI mask: {roi!r} ({where})")
         fractions.append(float(mask.mean()))
+    return _measured(slot, image, {roi: loaded.rois[roi] for roi in settings.rois}, settings, where, fractions)
+
+
+def _measured(slot: int, image: np.ndarray, rois: dict[str, np.ndarray], settings: _Settings, where: str,
+              fractions: list[float] | None = None) -> _Result:
+    """The stored pixels and distance maps of a loaded image; no ``rois``: every map is :data:`NO_MASK`."""
     if not np.any(image):
         return _Result(slot, failure=f"image all zero: {where}")
     wide = image.dtype.kind == "f" or image.dtype.itemsize > 1
     image01 = resize_pad(image, settings.image_size, "image")
     pixels = to_pixels(image01, 65535 if wide else 255)
     pixels = pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-    masks = {roi: resize_pad(loaded.rois[roi], settings.image_size, "mask") for roi in settings.rois}
-    dists = [signed_taxicab_distance(masks[roi]) for roi in settings.rois]
-    for key in settings.unions:
-        dists.append(signed_taxicab_distance(np.logical_or.reduce([masks[p] for p in key.split("+")])))
+    if rois:
+        masks = {roi: resize_pad(rois[roi], settings.image_size, "mask") for roi in settings.rois}
+        dists = [signed_taxicab_distance(masks[roi]) for roi in settings.rois]
+        for key in settings.unions:
+            dists.append(signed_taxicab_distance(np.logical_or.reduce([masks[p] for p in key.split("+")])))
+    else:
+        blank = np.full((settings.image_size, settings.image_size), NO_MASK, dtype=np.int16)
+        dists = [blank] * (len(settings.rois) + len(settings.unions))
+        fractions = [math.nan] * len(settings.rois)
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
     for dist in dists:
         digest.update(dist.tobytes())
     mean = float(pixels.mean(dtype=np.float64)) / (65535 if wide else 255)
-    return _Result(slot, "", pixels, dists, fractions, mean, digest.digest())
+    return _Result(slot, "", pixels, dists, fractions or [], mean, digest.digest())
 
 
 _WORKER: dict[str, Any] = {}
@@ -317,7 +336,7 @@ def _listing_entry(item: Record | Rejected) -> list[Any]:
         return ["rejected", item.image_id, item.reason, item.source_path, item.row]
     return [
         "record", item.image_id, item.patient_id, item.labels, item.metadata,
-        item.source_path, item.split, repr(item.key),
+        item.source_path, item.split, repr(item.key), item.no_masks,
     ]  # fmt: skip
 
 
@@ -410,6 +429,7 @@ def prepare_store(
     roi_keys: Sequence[str] = (),
     workers: int = 0,
     progress: bool = True,
+    masks: Literal["required", "optional"] = "required",
 ) -> Store:
     """Decode every image of ``source`` once into a prepared store under ``out``.
 
@@ -428,6 +448,12 @@ def prepare_store(
         Processes that decode images; 0 = one per CPU core, 1 = in this process.
     progress : bool
         Show a progress bar.
+    masks : {"required", "optional"}
+        What becomes of a record the source offers without masks (``Record.no_masks``):
+        ``"required"`` (a dataset that trains models) rejects it with that reason;
+        ``"optional"`` (an external test set) keeps it, to be scored under ``full`` alone
+        (the study scored its external set unmasked): its ``no_masks`` column says why, its
+        distance maps are :data:`NO_MASK` and :attr:`Store.masked` is False for it.
 
     Notes
     -----
@@ -436,7 +462,8 @@ def prepare_store(
     before its first ``:``, ``;`` or ``(`` is its kind, see :meth:`Store.counts`),
     ``source_path``, ``row`` (the source's row number where it has one: ``Rejected.row``, or
     ``row`` of the record or of its key; the folder source counts the CSV header as row 1),
-    ``index`` (0..n-1 for kept rows, -1 otherwise), ``split``, one nullable Int8 column per
+    ``index`` (0..n-1 for kept rows, -1 otherwise), ``split``, ``no_masks`` (why a kept image has no
+    masks, see ``masks``; empty otherwise), one nullable Int8 column per
     class, one column per metadata column (as read; text when a column mixes types) and
     ``roi_fraction_<roi>`` per named ROI (share of the native image inside the ROI; NaN
     unless kept). Rejections found while preparing: ``unreadable image or mask``, ``mask size
@@ -479,7 +506,7 @@ def prepare_store(
     plan_doc = {
         "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels, "rois": list(rois),
         "unions": list(unions), "classes": classes, "metadata": metadata_columns, "source": description,
-        "items": [_listing_entry(item) for item in items],
+        "masks": masks, "items": [_listing_entry(item) for item in items],
     }  # fmt: skip
     plan = hashlib.sha256(json.dumps(plan_doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -499,6 +526,9 @@ def prepare_store(
     first_seen: dict[str, int] = {}
     for position, item in enumerate(items):
         if isinstance(item, Record):
+            if item.no_masks and (masks == "required" or not rois):
+                duplicates[position] = item.no_masks
+                continue
             if item.image_id in first_seen:
                 duplicates[position] = (
                     f"duplicate image id: {item.image_id!r} (first at input {first_seen[item.image_id]})"
@@ -541,6 +571,7 @@ def prepare_store(
             status, reason, index = "rejected", slots.failures.get(slot, "not prepared"), -1
         row = {**base, "patient_id": item.patient_id, "status": status, "reason": reason, "index": index}
         row["split"] = item.split
+        row["no_masks"] = item.no_masks if index >= 0 else ""
         row.update({name: item.labels.get(name) for name in classes})
         row.update({name: item.metadata.get(name) for name in metadata_columns})
         if index >= 0:
@@ -559,6 +590,7 @@ def prepare_store(
             "row": pd.array([r["row"] for r in rows], dtype="Int64"),
             "index": np.array([r["index"] for r in rows], dtype=np.int64),
             "split": pd.Series([r.get("split") for r in rows], dtype=object),
+            "no_masks": pd.Series([r.get("no_masks", "") for r in rows], dtype=object),
             **{c: pd.array([r.get(c) for r in rows], dtype="Int8") for c in classes},
             **{c: _arrow_safe([r.get(c) for r in rows]) for c in metadata_columns},
             **{c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in fraction_columns},
@@ -683,6 +715,12 @@ class Store:
             .reshape(self.n, len(self.classes))
         )
         self._distances: dict[str, np.ndarray] = {}
+        #: (n,) bool: the kept images that have their masks (all, unless prepared with ``masks="optional"``)
+        self.masked: np.ndarray = (
+            self.kept["no_masks"].fillna("").eq("").to_numpy()
+            if "no_masks" in self.kept
+            else np.ones(self.n, dtype=bool)
+        )
 
     def __reduce__(self) -> tuple[Any, tuple[Path]]:
         """Pickled by path: a worker process reopens the memory maps instead of receiving their bytes."""

@@ -4,6 +4,19 @@ ChestX-ray14: X. Wang et al., "ChestX-ray8: Hospital-scale chest X-ray database 
 weakly-supervised classification and localization of common thorax diseases", CVPR 2017;
 download: https://nihcc.app.box.com/v/ChestXray-NIHCC. CheXmask (``ChestX-Ray8.csv``): see
 :mod:`maskaudit.data.sources.chexmask`.
+
+Published quirks, and where each is known from:
+
+- The images come as twelve archives that unpack to ``images_001/images/`` …
+  ``images_012/images/`` (NIH's box folder), so files are found anywhere under ``root`` by name.
+- ``Data_Entry_2017.csv`` gives ages as ``058Y`` in its first release and as plain years in
+  ``Data_Entry_2017_v2020.csv`` (the file torchxrayvision ships); both are read. Its header
+  splits ``OriginalImage[Width,Height]`` over two columns, which are not used.
+- CheXmask's id column in ``ChestX-Ray8.csv`` is ``Image Index``, the NIH column's name
+  (CheXmask-Database ``Example.ipynb``: "the column name changes across dataset").
+- The study scored every ChestX-ray14 image unmasked and the masked strategies where
+  CheXmask has a mask (SPEC §5); here an image without a usable CheXmask row is kept without
+  masks (:attr:`Record.no_masks`), never dropped from the external set.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import pandas as pd
 from maskaudit.config import ChestXray14Data
 from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
 from maskaudit.data.sources.chexmask import ChexmaskTable, file_stamp
-from maskaudit.data.sources.padchest import ChexmaskKey, blank, load_chexmask
+from maskaudit.data.sources.padchest import ChexmaskKey, blank, chexmask_header_problem, load_chexmask
 from maskaudit.errors import MaskauditError
 
 ID, LABELS, PATIENT = "Image Index", "Finding Labels", "Patient ID"
@@ -36,9 +49,12 @@ class ChestXray14Source(Source):
     ``Finding Labels`` is split on ``|``; each finding is normalised (stripped, lower-cased,
     ``_`` → space, then ``label_aliases``), so ``Effusion`` is the study's ``effusion``;
     ``No Finding`` is negative for every class. A row is dropped for: a missing or repeated
-    ``Image Index``, an empty ``Finding Labels``, no CheXmask row (or one listed twice), a
-    ``Dice RCA (Mean)`` at or below ``min_dice_rca``, an image file not found under ``root``
-    (or found twice). Metadata: ``age`` (years), ``sex``, ``projection`` (``View Position``).
+    ``Image Index``, an empty ``Finding Labels``, an image file not found under ``root`` (or
+    found twice). A row with no CheXmask row (or one listed twice, or ``Dice RCA (Mean)`` at or
+    below ``min_dice_rca``) is offered without masks (``Record.no_masks``): as the study's
+    external test set it is still scored under ``full`` (the study scored every image
+    unmasked), under masked strategies only where a mask exists; as a training set it is
+    rejected. Metadata: ``age`` (years), ``sex``, ``projection`` (``View Position``).
     """
 
     name = "chestxray14"
@@ -124,10 +140,6 @@ class ChestXray14Source(Source):
                 yield reject("no labels: the Finding Labels cell is empty")
                 continue
             findings = {self.normalise_label(x) for x in str(row[LABELS]).split("|")} - {""}
-            why = self.chexmask.reason(image_id, cfg.min_dice_rca)
-            if why:
-                yield reject(why)
-                continue
             if image_id in twice:
                 yield reject(f"image file found twice under {self.root}: {image_id}")
                 continue
@@ -139,6 +151,9 @@ class ChestXray14Source(Source):
             if not patient:
                 yield reject("missing patient id")
                 continue
+            no_masks = self.chexmask.reason(image_id, cfg.min_dice_rca)
+            if no_masks:
+                no_masks = f"{no_masks} ({name} row {line})"
             yield Record(
                 image_id=image_id,
                 patient_id=patient,
@@ -149,13 +164,17 @@ class ChestXray14Source(Source):
                     "projection": None if blank(row[VIEW]) else str(row[VIEW]).strip(),
                 },
                 source_path=str(path.relative_to(self.root)),
-                key=ChexmaskKey(row=line, image=str(path), mask=self.chexmask.rows[image_id]),
+                key=ChexmaskKey(row=line, image=str(path), mask=None if no_masks else self.chexmask.rows[image_id]),
                 row=line,
+                no_masks=no_masks,
             )
 
     def load(self, record: Record) -> Loaded:
         """The image and its CheXmask ``lungs`` and ``heart``; a size other than CheXmask's is an error."""
         return load_chexmask(self, record)
+
+    def header_problem(self, record: Record) -> str:
+        return chexmask_header_problem(self, record)
 
 
 def _age(value: Any) -> int | None:

@@ -4,6 +4,23 @@ PadChest: A. Bustos, A. Pertusa, J.-M. Salinas, M. de la Iglesia-Vayá, "PadChes
 x-ray image dataset with multi-label annotated reports", Medical Image Analysis 66, 101797
 (2020); download: https://bimcv.cipf.es/bimcv-projects/padchest/.
 CheXmask (``Padchest.csv``): see :mod:`maskaudit.data.sources.chexmask`.
+
+Published quirks, and where each is known from:
+
+- The labels CSV ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (also shipped as
+  ``.csv.gz``, which pandas reads as it is) has a leading unnamed index column; images lie at
+  ``<ImageDir>/<ImageID>`` once the archives ``0.zip`` … ``54.zip`` are unpacked into one
+  folder (BIMCV's PadChest page; SPEC §1).
+- ``Labels`` is a Python-literal list with stray spaces and repeats (``[' cardiomegaly',
+  'pleural effusion']``); the study strips, lower-cases and de-duplicates, and writes
+  ``effusion`` for PadChest's ``pleural effusion`` (SPEC §1). ``PatientBirth`` is a float year
+  (``1930.0``), empty for some rows.
+- Some published PNGs are truncated or broken (torchxrayvision's ``PC_Dataset`` lists 21 by
+  name: "OSError: image file is truncated", "broken PNG file"): they are found when decoded,
+  so ``maskaudit check`` (headers only) passes them and ``prepare`` rejects them as
+  ``unreadable image or mask``.
+- CheXmask covers only part of PadChest and rates each mask (``Dice RCA (Mean)``); a row
+  without a usable mask is kept by the source without masks (see the rules below).
 """
 
 from __future__ import annotations
@@ -18,20 +35,20 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from maskaudit.config import PadChestData
-from maskaudit.data.imaging import read_image
+from maskaudit.data.imaging import image_header, read_image
 from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
-from maskaudit.data.sources.chexmask import ChexmaskTable, MaskRow, check_size, file_stamp
+from maskaudit.data.sources.chexmask import ChexmaskTable, MaskRow, check_size, file_stamp, size_mismatch
 from maskaudit.errors import MaskauditError
 
 COLUMNS = ["ImageID", "ImageDir", "PatientID", "PatientBirth", "PatientSex_DICOM", "Projection", "Labels"]
 
 
 class ChexmaskKey(NamedTuple):
-    """What :meth:`load` needs: the labels-CSV row, the image file and the CheXmask row."""
+    """What :meth:`load` needs: the labels-CSV row, the image file and the CheXmask row (None: no usable mask)."""
 
     row: int
     image: str
-    mask: MaskRow
+    mask: MaskRow | None
 
 
 def blank(value: Any) -> bool:
@@ -39,11 +56,28 @@ def blank(value: Any) -> bool:
 
 
 def load_chexmask(source: Any, record: Record) -> Loaded:
-    """Image and CheXmask ROIs of a record whose key is a :class:`ChexmaskKey` (PadChest, ChestX-ray14)."""
+    """Image and CheXmask ROIs of a record whose key is a :class:`ChexmaskKey` (PadChest, ChestX-ray14).
+
+    A record without a usable CheXmask row (``record.no_masks``) gets its image and no ROI.
+    """
     key: ChexmaskKey = record.key
     image = read_image(Path(key.image), "gray")
+    if key.mask is None:
+        return Loaded(image=image, rois={})
     check_size(image, key.mask, key.image, source.chexmask.path)
     return Loaded(image=image, rois=source.chexmask.masks(key.mask))
+
+
+def chexmask_header_problem(source: Any, record: Record) -> str:
+    """What :func:`load_chexmask` would reject, from the image's header: unreadable, or not CheXmask's size."""
+    key: ChexmaskKey = record.key
+    try:
+        header = image_header(Path(key.image))
+    except MaskauditError as exc:
+        return f"unreadable image or mask: {exc}"
+    if key.mask is None:
+        return ""
+    return size_mismatch(header.height, header.width, key.mask, key.image, source.chexmask.path)
 
 
 class PadChestSource(Source):
@@ -63,9 +97,11 @@ class PadChestSource(Source):
        case-sensitively before lower-casing as the study did (``Unchanged`` drops, PadChest's
        ``unchanged`` does not unless ``drop_unchanged_lowercase``);
     6. ``no labels``: nothing left after stripping, lower-casing and de-duplicating;
-    7. ``no CheXmask mask`` / ``duplicate CheXmask row`` / ``low CheXmask quality``
-       (``Dice RCA (Mean) <= min_dice_rca``);
-    8. ``image path leaves the data folder`` / ``image file not found``.
+    7. ``image path leaves the data folder`` / ``image file not found``;
+    8. ``no CheXmask mask`` / ``duplicate CheXmask row`` / ``low CheXmask quality``
+       (``Dice RCA (Mean) <= min_dice_rca``): the record is offered without masks
+       (``Record.no_masks``), which the store rejects for a training set and scores under
+       ``full`` alone in an external set.
 
     A kept row is multi-hot over ``classes``; ``label_aliases`` maps PadChest's spelling onto
     the study's (``pleural effusion`` → ``effusion``). Metadata: ``birth_year``, ``sex``,
@@ -218,10 +254,6 @@ class PadChestSource(Source):
             if labels is None:
                 yield reject(why)
                 continue
-            why = self.chexmask.reason(image_id, cfg.min_dice_rca)
-            if why:
-                yield reject(why)
-                continue
             path = (self.root / image_dir / image_id).resolve()
             if not path.is_relative_to(self.root):
                 yield reject(f"image path leaves the data folder {self.root}: {source_path}")
@@ -236,14 +268,18 @@ class PadChestSource(Source):
             birth = row["PatientBirth"]
             birth_year = None if blank(birth) else _year(birth)
             sex = None if blank(row["PatientSex_DICOM"]) else str(row["PatientSex_DICOM"]).strip()
+            no_masks = self.chexmask.reason(image_id, cfg.min_dice_rca)
+            if no_masks:
+                no_masks = f"{no_masks} ({name} row {line})"
             yield Record(
                 image_id=image_id,
                 patient_id=patient,
                 labels={c: int(c in labels) for c in cfg.classes},
                 metadata={"birth_year": birth_year, "sex": sex, "projection": projection},
                 source_path=source_path,
-                key=ChexmaskKey(row=line, image=str(path), mask=self.chexmask.rows[image_id]),
+                key=ChexmaskKey(row=line, image=str(path), mask=None if no_masks else self.chexmask.rows[image_id]),
                 row=line,
+                no_masks=no_masks,
             )
 
     def load(self, record: Record) -> Loaded:
@@ -255,6 +291,9 @@ class PadChestSource(Source):
             For an unreadable image or RLE, or an image whose size is not CheXmask's.
         """
         return load_chexmask(self, record)
+
+    def header_problem(self, record: Record) -> str:
+        return chexmask_header_problem(self, record)
 
     def totals(self) -> dict[str, int]:
         """Positives per class among the kept rows (reads the labels CSV)."""
