@@ -17,15 +17,21 @@ from maskaudit.data.sources.chaksu import ChaksuSource, name_key, patient_of
 from maskaudit.data.store import prepare_store
 from maskaudit.errors import MaskauditError
 
-# camera -> (image name pattern, image extension)
-CAMERAS = {"Bosch": ("P{p}_{i}", ".JPG"), "Forus": ("{n}", ".png"), "Remidio": ("IMG_{n}", ".JPG")}
+# camera -> (image name pattern, image extension, extension the decision CSV gives the image)
+# (the study's make_dataset.py maps the CSV's jpg -> JPG for Bosch, jpg -> png for Forus, tif -> JPG for Remidio)
+CAMERAS = {"Bosch": ("P{p}_{i}", ".JPG", ".jpg"), "Forus": ("{n}", ".png", ".jpg"),
+           "Remidio": ("IMG_{n}", ".JPG", ".tif")}  # fmt: skip
 
 
 def build(fundus_dir: Path, root: Path) -> dict:
+    """Chákṣu's published tree (Readme and dataset card): TIF fusion masks under ``4.0_OD_CO_Fusion_Images/<camera>/
+    STAPLE`` with the Test tree's ``Remedio`` misspelling, per-expert masks beside them, the decision CSVs with their
+    two names of the decision column, the extra Test-folder decision tables, and one ``GLAUCOMA  SUSUPECT``."""
     table = pd.read_csv(fundus_dir / "labels.csv")
+    fusion = "4.0_OD_CO_Fusion_Images"
     k = 0
     for split in ("Train", "Test"):
-        for camera, (pattern, ext) in CAMERAS.items():
+        for camera, (pattern, ext, csv_ext) in CAMERAS.items():
             rows = []
             for j in range(3):
                 src = table.iloc[k % len(table)]
@@ -36,20 +42,32 @@ def build(fundus_dir: Path, root: Path) -> dict:
                 rgb = read_image(fundus_dir / src["image"], "rgb")
                 Image.fromarray(rgb).save(image_dir / f"{stem}{ext}", format="PNG" if ext == ".png" else "JPEG")
                 disc, cup = read_mask(fundus_dir / src["mask"]), read_mask(fundus_dir / src["mask_cup"])
-                fused = np.where(cup, 255, np.where(disc, 128, 0)).astype(np.uint8)
-                mask_dir = root / split / "4.0_OD_CO_Fusion_Images" / camera / "STAPLE"
+                fused = np.where(cup, 255, np.where(disc, 127, 0)).astype(np.uint8)  # disc ~127, cup ~255
+                folder = "Remedio" if (split, camera) == ("Test", "Remidio") else camera
+                mask_dir = root / split / fusion / folder / "STAPLE"
                 mask_dir.mkdir(parents=True, exist_ok=True)
                 if not (split == "Train" and camera == "Forus" and j == 2):  # one image without a mask
-                    Image.fromarray(fused).save(mask_dir / f"{stem}.png")
+                    Image.fromarray(fused).save(mask_dir / f"{stem}.tif", format="TIFF")
+                for other in ("Expert 1", f"{folder}/Majority"):  # other annotations: never the STAPLE fusion
+                    (root / split / fusion / other).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(np.full_like(fused, 255)).save(root / split / fusion / other / f"{stem}.tif")
                 decision = "GLAUCOMA SUSPECT" if src["glaucoma"] == 1 else "NORMAL"
-                rows.append({"Images": f"{stem}{ext}-{stem}-1.tif", "Expert 1": decision,
-                             "Majority Decision": decision})  # fmt: skip
+                rows.append({"Images": f"{stem}{csv_ext}-{stem}-1{csv_ext}", "Expert.1": decision,
+                             "Majority Decision" if camera == "Bosch" else "Glaucoma Decision": decision})
+            column = "Majority Decision" if camera == "Bosch" else "Glaucoma Decision"
             if split == "Test" and camera == "Remidio":
-                rows.append({"Images": "IMG_999.JPG", "Expert 1": "NORMAL", "Majority Decision": "NORMAL"})
-                rows[0]["Majority Decision"] = "MAYBE"
+                rows.append({"Images": "IMG_999.tif-IMG_999-1.tif", "Expert.1": "NORMAL", column: "NORMAL"})
+                rows[0][column] = "MAYBE"
+            if split == "Test" and camera == "Forus":
+                rows[1][column] = "GLAUCOMA  SUSUPECT"  # the published misspelling
             decisions = root / split / "6.0_Glaucoma_Decision"
-            decisions.mkdir(parents=True, exist_ok=True)
+            (decisions / "Majority").mkdir(parents=True, exist_ok=True)
             pd.DataFrame(rows).to_csv(decisions / f"Glaucoma_Decision_Comparison_{camera}_majority.csv", index=False)
+            if split == "Test":  # tables beside it that also say "majority" and the camera: not the decisions
+                wrong = [{**r, column: "NORMAL"} for r in rows]
+                pd.DataFrame(wrong).to_csv(decisions / f"Glaucoma_Decision_Majority_{camera}.csv", index=False)
+                pd.DataFrame(wrong).rename(columns={column: "Glaucoma Decision"}).to_csv(
+                    decisions / "Majority" / f"{camera}.csv", index=False)
     return {"root": root}
 
 
@@ -68,6 +86,10 @@ def test_chaksu(fundus_dir: Path, tmp_path: Path):
     kept = [r for r in items if isinstance(r, Record)]
     rejected = {r.image_id: r.reason for r in items if isinstance(r, Rejected)}
     assert len(kept) == 16
+    # the Test tree's Remidio masks are found under the misspelt Remedio/STAPLE: no camera is lost
+    test_remidio = [r for r in kept if r.image_id.startswith("Test/Remidio/")]
+    assert len(test_remidio) == 2 and all("/Remedio/STAPLE/" in r.key.mask for r in test_remidio)
+    assert all("/STAPLE/" in r.key.mask for r in kept)
     assert rejected["Train/Forus/106"].startswith("no STAPLE mask")
     assert rejected["Test/Remidio/img_999"].startswith("image file not found")
     assert rejected["Test/Remidio/img_116"].startswith("unknown decision")
@@ -79,7 +101,12 @@ def test_chaksu(fundus_dir: Path, tmp_path: Path):
     store = prepare_store(source, tmp_path / "prepared", 32, workers=1, progress=False)
     assert store.n == 16 and store.channels == 3 and store.rois == ["disc", "cup"]
     labels = pd.read_csv(fundus_dir / "labels.csv")
-    assert store.labels.sum() == sum(labels["glaucoma"].iloc[[0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17]])
+    truth = labels["glaucoma"].to_numpy().copy()
+    truth[13] = 1  # Test/Forus's second row reads GLAUCOMA  SUSUPECT: a suspect
+    assert store.labels.sum() == truth[[0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17]].sum()
+    typo = store.kept.set_index("image_id").loc["Test/Forus/114", "glaucoma"]
+    assert typo == 1
+    assert all(source.header_problem(r) == "" for r in kept)
     record = kept[0]
     loaded = source.load(record)
     assert loaded.image.shape[2] == 3 and loaded.rois["cup"].sum() < loaded.rois["disc"].sum()
@@ -92,3 +119,22 @@ def test_missing_root(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MaskauditError, match="no Train/ or Test/"):
         make_source(config_from_dict({"data": {"source": "chaksu", "root": str(tmp_path / "empty")}}))
+
+
+def test_masks_by_stem_within_the_split(fundus_dir: Path, tmp_path: Path):
+    """A mask is found by the image's stem in its split; the camera folder, compared loosely, only breaks a tie."""
+    from maskaudit.data.sources.chaksu import same_camera
+
+    assert same_camera("Remedio", "Remidio") and same_camera("bosch", "Bosch") and not same_camera("Forus", "Bosch")
+    root = tmp_path / "chaksu"
+    build(fundus_dir, root)
+    staple = root / "Train" / "4.0_OD_CO_Fusion_Images"
+    # the same stem under another camera's STAPLE folder: the image's own camera wins
+    (staple / "Forus" / "STAPLE" / "P1_0.tif").write_bytes((staple / "Bosch" / "STAPLE" / "P1_1.tif").read_bytes())
+    # a camera folder under another name: the mask is still found by its stem
+    (staple / "Remidio").rename(staple / "REMIDIO camera")
+    source = make_source(config_from_dict({"data": {"source": "chaksu", "root": str(root)}}))
+    kept = {r.image_id: r for r in source.records() if isinstance(r, Record)}
+    assert kept["Train/Bosch/p1_0"].key.mask.endswith("Bosch/STAPLE/P1_0.tif")
+    assert all("REMIDIO camera/STAPLE" in r.key.mask for i, r in kept.items() if i.startswith("Train/Remidio/"))
+    assert len(kept) == 16

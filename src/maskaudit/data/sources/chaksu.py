@@ -6,12 +6,37 @@ Data 10, 70 (2023); download: https://doi.org/10.6084/m9.figshare.20123135.
 Layout read (folder names matched case-insensitively)::
 
     <root>/Train|Test/1.0_Original_Fundus_Images/<camera>/<image>.jpg|.png|.JPG
-    <root>/Train|Test/4.0_OD_CO_Fusion_Images/**/<camera>/**/STAPLE/<mask>   (or <camera>/STAPLE)
-    <root>/Train|Test/6.0_Glaucoma_Decision/**/*<camera>*majority*.csv       ("majority" anywhere in the path)
+    <root>/Train|Test/4.0_OD_CO_Fusion_Images/**/STAPLE/<mask>                  (matched by file stem)
+    <root>/Train|Test/6.0_Glaucoma_Decision/Glaucoma_Decision_Comparison_<camera>_majority.csv
+
+Published quirks, and where each is known from:
+
+- The Test tree's fusion masks of the Remidio camera lie under ``Remedio/STAPLE`` (misspelt):
+  MedIMeta's Chákṣu reader (``if device == "Remidio" and split == "Test": device = "Remedio"``,
+  "adapt to typo in the original data") and the dataset card's folder tree. The study's own
+  code (github.com/TheoSourget/MMC_Masking_EyeFundus, ``make_dataset.py``) finds masks with
+  ``<split>/4.0_OD_CO_Fusion_Images/**/STAPLE/*`` by file name, whatever the camera folder is
+  called. So masks are matched here by the image's stem within its split; the camera folder
+  only breaks a tie, compared loosely (:func:`same_camera`), and no camera is ever dropped.
+- Masks are TIF files (dataset card: "Disc & Cup masks are in TIF format"); in ``4.0`` the
+  disc is gray ≈ 127 and the cup ≈ 255 (dataset card).
+- Decision CSVs: ``Glaucoma_Decision_Comparison_<camera>_majority.csv`` per split (the study's
+  ``make_dataset.py``; the Test folder also holds ``Glaucoma_Decision_Majority_<camera>.csv``
+  and per-fusion ``Majority/<camera>.csv`` tables, so the exact name is preferred). The
+  decision column is ``Majority Decision`` in Bosch's file and ``Glaucoma Decision`` in the
+  others (the study renames Bosch's; MedIMeta maps both: "inconsistent naming in source data").
+- Image names in ``Images`` are transformed: ``Image101.jpg`` appears as
+  ``Image101.jpg-Image101-1.jpg`` (dataset card), and the extension differs from the image
+  file's (the study maps ``jpg``→``JPG`` for Bosch, ``jpg``→``png`` for Forus, ``tif``→``JPG``
+  for Remidio): entries are matched by :func:`name_key`.
+- A decision is misspelt ``GLAUCOMA  SUSUPECT`` in places (MedIMeta: ``"GLAUCOMA  SUSUPECT":
+  "Suspect"  # typo in data``). It is read as a suspect (1) here; the study's
+  ``1 if x == "GLAUCOMA SUSPECT" else 0`` made such images normal, a bug not copied.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from maskaudit.config import ChaksuData
-from maskaudit.data.imaging import read_image
+from maskaudit.data.imaging import image_header, read_image
 from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
 from maskaudit.data.sources.padchest import blank
 from maskaudit.errors import MaskauditError
@@ -55,6 +80,19 @@ def patient_of(camera: str, stem: str) -> str:
     return f"{camera}/{match.group(1).upper() if match else stem}"
 
 
+def _size_mismatch(key: ChaksuKey, mask: tuple[int, ...], image: tuple[int, ...]) -> str:
+    """The ``mask size mismatch`` reason for (height, width) sizes that differ, else ""."""
+    if tuple(mask) == tuple(image):
+        return ""
+    return f"mask size mismatch: {key.mask} is {mask[1]}x{mask[0]} but image {key.image} is {image[1]}x{image[0]}"
+
+
+def same_camera(folder: str, camera: str) -> bool:
+    """Whether a folder name is the camera's, loosely: case aside, at most a letter off (``Remedio`` = ``Remidio``)."""
+    a, b = folder.lower(), camera.lower()
+    return a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
 def _child(folder: Path, name: str) -> Path | None:
     """The child of ``folder`` named ``name``, ignoring case."""
     if not folder.is_dir():
@@ -67,22 +105,26 @@ class ChaksuSource(Source):
 
     Cite Kumar et al. 2023 (Scientific Data); download from figshare (doi 10.6084/m9.figshare.20123135).
 
-    Labels: the camera's majority decision CSV (column with ``majority`` in its name, else the
-    last column; image names from the first column with ``image`` in its name):
-    ``GLAUCOMA SUSPECT`` = 1, ``NORMAL`` = 0. Images of the ``Test`` folder get
-    ``split = "test"`` (the official hold-out set). Metadata: ``camera``. Matching of image,
-    mask and CSV entry is by :func:`name_key`. A fusion mask is read as gray: ``disc`` = every
-    pixel at or above 1/4 of the maximum, ``cup`` = the brightest level (pixels at or above 3/4 of the maximum).
+    Labels: the camera's majority decision CSV (column ``Majority Decision`` or ``Glaucoma
+    Decision``, else one with ``majority`` in its name, else the last column; image names from
+    the first column with ``image`` in its name): ``GLAUCOMA SUSPECT`` (and its published
+    misspelling) = 1, ``NORMAL`` = 0. Images of the ``Test`` folder get ``split = "test"``
+    (the official hold-out set). Metadata: ``camera``. Matching of image, mask and CSV entry
+    is by :func:`name_key`. A fusion mask is read as gray: ``disc`` = every pixel at or above
+    1/4 of the maximum, ``cup`` = the brightest level (pixels at or above 3/4 of the maximum).
 
     An image is dropped for: no decision row, an unknown decision, an image listed twice in
-    the decision CSV, no STAPLE mask; a decision row whose image file is missing is dropped too.
+    the decision CSV, no STAPLE mask with its stem in the split, several such masks none of
+    which is under its camera's folder; a decision row whose image file is missing is dropped too.
     """
 
     name = "chaksu"
     rois = ("disc", "cup")
     channels = 3
-    #: the only place Chákṣu's decision spelling is known
-    decisions = {"GLAUCOMA SUSPECT": 1, "NORMAL": 0}
+    #: the only place Chákṣu's decision spelling is known (with its published misspelling, see the module)
+    decisions = {"GLAUCOMA SUSPECT": 1, "GLAUCOMA SUSUPECT": 1, "NORMAL": 0}
+    #: the decision column, by name, in order of preference
+    decision_columns = ("Majority Decision", "Glaucoma Decision")
 
     def __init__(self, config: ChaksuData) -> None:
         self.config = config
@@ -107,27 +149,43 @@ class ChaksuSource(Source):
 
     # ---------------------------------------------------------------------------------- finding
 
-    def _masks(self, split_dir: Path, camera: str) -> dict[str, Path]:
+    def _masks(self, split_dir: Path) -> dict[str, list[tuple[str, Path]]]:
+        """Every STAPLE fusion mask of a split: name key → [(camera folder, path)], whatever the folder is called."""
         folder = _child(split_dir, MASKS)
-        found: dict[str, Path] = {}
+        found: dict[str, list[tuple[str, Path]]] = {}
         if folder is None:
             return found
         for path in sorted(folder.rglob("*")):
-            parts = [p.lower() for p in path.relative_to(folder).parts[:-1]]
-            if path.is_file() and "staple" in parts and camera.lower() in parts:
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    found.setdefault(name_key(path.name), path)
+            parts = path.relative_to(folder).parts[:-1]
+            lowered = [p.lower() for p in parts]
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and "staple" in lowered:
+                at = lowered.index("staple")
+                camera_folder = parts[at - 1] if at > 0 else ""
+                found.setdefault(name_key(path.name), []).append((camera_folder, path))
         return found
+
+    @staticmethod
+    def _mask_for(candidates: list[tuple[str, Path]], camera: str) -> tuple[Path | None, str]:
+        """The image's mask among the split's masks of its stem, or None and why."""
+        if len(candidates) == 1:
+            return candidates[0][1], ""
+        mine = [path for folder, path in candidates if same_camera(folder, camera)]
+        if len(mine) == 1:
+            return mine[0], ""
+        where = ", ".join(str(Path(*path.parts[-3:])) for _, path in candidates)
+        return None, f"ambiguous STAPLE mask: {len(candidates)} of that name ({where}), {len(mine)} under {camera}"
 
     def _decisions(self, split_dir: Path, camera: str) -> tuple[Path | None, list[tuple[int, str, str]]]:
         """The camera's majority CSV and its rows as (row number, image name, decision)."""
         folder = _child(split_dir, DECISIONS)
         if folder is None:
             return None, []
+        exact = f"glaucoma_decision_comparison_{camera}_majority.csv".lower()
         candidates = [
             p for p in sorted(folder.rglob("*.csv"))
             if "majority" in str(p.relative_to(folder)).lower() and camera.lower() in str(p.relative_to(folder)).lower()
         ]  # fmt: skip
+        candidates.sort(key=lambda p: (p.name.lower() != exact, len(p.relative_to(folder).parts), str(p)))
         if not candidates:
             return None, []
         path = candidates[0]
@@ -137,7 +195,10 @@ class ChaksuSource(Source):
             raise MaskauditError(f"{path}: cannot read the glaucoma decision CSV ({exc})") from None
         columns = [str(c) for c in frame.columns]
         image_col = next((c for c in columns if "image" in c.lower()), columns[0] if columns else None)
-        decision_col = next((c for c in columns if "majority" in c.lower()), columns[-1] if columns else None)
+        named = [c for c in self.decision_columns if c in columns]
+        decision_col = named[0] if named else next(
+            (c for c in columns if "majority" in c.lower()), columns[-1] if columns else None
+        )
         if image_col is None or decision_col is None or image_col == decision_col:
             raise MaskauditError(f"{path}: expected an image-name column and a decision column, got {columns}")
         rows = [(i + 2, str(r[image_col]), str(r[decision_col])) for i, r in enumerate(frame.to_dict("records"))]
@@ -151,11 +212,13 @@ class ChaksuSource(Source):
             if split_dir is None:
                 continue
             split = SPLITS[split_name.lower()]
+            masks = self._masks(split_dir)
             for camera in self.config.cameras:
-                yield from self._camera_records(split_dir, split_name, split, camera)
+                yield from self._camera_records(split_dir, split_name, split, camera, masks)
 
     def _camera_records(
-        self, split_dir: Path, split_name: str, split: str | None, camera: str
+        self, split_dir: Path, split_name: str, split: str | None, camera: str,
+        masks: dict[str, list[tuple[str, Path]]],
     ) -> Iterator[Record | Rejected]:
         image_folder = _child(_child(split_dir, IMAGES) or split_dir / IMAGES, camera)
         images: dict[str, Path] = {}
@@ -163,7 +226,6 @@ class ChaksuSource(Source):
             for path in sorted(image_folder.rglob("*")):
                 if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                     images.setdefault(name_key(path.name), path)
-        masks = self._masks(split_dir, camera)
         csv_path, rows = self._decisions(split_dir, camera)
         csv_name = csv_path.name if csv_path else f"{camera} majority CSV"
         decided: dict[str, tuple[int, str]] = {}
@@ -200,9 +262,14 @@ class ChaksuSource(Source):
             if label is None:
                 yield Rejected(image_id, f"unknown decision: {decision!r} ({csv_name} row {line})", source_path, line)
                 continue
-            mask = masks.get(key)
+            candidates = masks.get(key, [])
+            if not candidates:
+                yield Rejected(image_id, f"no STAPLE mask: none named {key!r} under {split_name}/{MASKS}/**/STAPLE "
+                               f"{where}", source_path, line)
+                continue
+            mask, why = self._mask_for(candidates, camera)
             if mask is None:
-                yield Rejected(image_id, f"no STAPLE mask: {MASKS}/…/{camera}/STAPLE {where}", source_path, line)
+                yield Rejected(image_id, f"{why} {where}", source_path, line)
                 continue
             yield Record(
                 image_id=image_id,
@@ -217,6 +284,15 @@ class ChaksuSource(Source):
 
     # --------------------------------------------------------------------------------------- load
 
+    def header_problem(self, record: Record) -> str:
+        """What :meth:`load` would reject, from the headers: an unreadable file, or mask and image sizes that differ."""
+        key: ChaksuKey = record.key
+        try:
+            image, mask = image_header(Path(key.image)), image_header(Path(key.mask))
+        except MaskauditError as exc:
+            return f"unreadable image or mask: {exc}"
+        return _size_mismatch(key, (mask.height, mask.width), (image.height, image.width))
+
     def load(self, record: Record) -> Loaded:
         """The RGB image, and ``disc`` / ``cup`` from the STAPLE fusion mask.
 
@@ -228,11 +304,9 @@ class ChaksuSource(Source):
         key: ChaksuKey = record.key
         image = read_image(Path(key.image), "rgb")
         gray = read_image(Path(key.mask), "gray")
-        if gray.shape != image.shape[:2]:
-            raise MaskauditError(
-                f"mask size mismatch: {key.mask} is {gray.shape[1]}x{gray.shape[0]} but image {key.image} "
-                f"is {image.shape[1]}x{image.shape[0]}"
-            )
+        why = _size_mismatch(key, gray.shape, image.shape[:2])
+        if why:
+            raise MaskauditError(why)
         peak = int(gray.max())
         disc = gray >= max(1, int(np.ceil(0.25 * peak)))  # every level drawn, not JPEG noise near black
         cup = gray >= max(1, int(np.ceil(0.75 * peak))) if peak > 0 else np.zeros_like(disc)
