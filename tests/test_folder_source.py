@@ -146,8 +146,11 @@ def test_mask_size_mismatch_is_refused_when_loading(awkward: Path) -> None:
     write_csv(awkward, rows[1:], rows[0])
     source = FolderSource(folder_config(awkward))
     record = next(item for item in source.records() if isinstance(item, Record))
-    with pytest.raises(MaskauditError, match=r"mask size mismatch: .*masks/.* row 2"):
+    with pytest.raises(MaskauditError, match=r"mask size mismatch: .*masks/.* row 2") as raised:
         source.load(record)
+    assert source.header_problem(record) == str(raised.value)  # `maskaudit check` finds it from the headers
+    others = [item for item in source.records() if isinstance(item, Record)][1:]
+    assert others and all(source.header_problem(item) == "" for item in others)
 
 
 def test_fundus_rgb_with_two_named_rois(fundus_dir: Path) -> None:

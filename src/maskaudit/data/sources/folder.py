@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from maskaudit.config import FolderData
-from maskaudit.data.imaging import read_image, read_mask
+from maskaudit.data.imaging import image_header, read_image, read_mask
 from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
 from maskaudit.errors import MaskauditError
 
@@ -226,6 +226,29 @@ class FolderSource(Source):
 
     # --------------------------------------------------------------------------------------- load
 
+    def header_problem(self, record: Record) -> str:
+        """What :meth:`load` would reject, from the file headers: an unreadable or multi-frame DICOM file, a mask
+        whose size differs from the image's. A truncated file is only found when decoded (``prepare``)."""
+        key: FolderKey = record.key
+        try:
+            headers = [(key.image, image_header(Path(key.image)))]
+            headers += [(mask, image_header(Path(mask))) for _, mask in key.masks]
+        except MaskauditError as exc:
+            return f"unreadable image or mask: {exc}"
+        for path, header in headers:
+            if header.kind == "dicom" and header.frames > 1:
+                return (f"unreadable image or mask: {path}: multi-frame DICOM ({header.frames} frames) is not "
+                        "supported; export each frame as its own file")
+        image = headers[0][1]
+        for mask_path, mask in headers[1:]:
+            if (mask.height, mask.width) != (image.height, image.width):
+                return self._size_mismatch(mask_path, (mask.height, mask.width), key, (image.height, image.width))
+        return ""
+
+    def _size_mismatch(self, mask_path: str, mask: tuple[int, int], key: FolderKey, image: tuple[int, int]) -> str:
+        return (f"mask size mismatch: {mask_path} is {mask[1]}x{mask[0]} but image {key.image} is "
+                f"{image[1]}x{image[0]} ({self.csv.name} row {key.row})")
+
     def load(self, record: Record) -> Loaded:
         """Decode the record's image and masks.
 
@@ -240,9 +263,6 @@ class FolderSource(Source):
         for roi, mask_path in key.masks:
             mask = read_mask(Path(mask_path))
             if mask.shape != image.shape[:2]:
-                raise MaskauditError(
-                    f"mask size mismatch: {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                    f"{key.image} is {image.shape[1]}x{image.shape[0]} ({self.csv.name} row {key.row})"
-                )
+                raise MaskauditError(self._size_mismatch(mask_path, mask.shape, key, image.shape[:2]))
             rois[roi] = mask
         return Loaded(image=image, rois=rois)
