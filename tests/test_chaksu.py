@@ -138,3 +138,26 @@ def test_masks_by_stem_within_the_split(fundus_dir: Path, tmp_path: Path):
     assert kept["Train/Bosch/p1_0"].key.mask.endswith("Bosch/STAPLE/P1_0.tif")
     assert all("REMIDIO camera/STAPLE" in r.key.mask for i, r in kept.items() if i.startswith("Train/Remidio/"))
     assert len(kept) == 16
+
+
+def test_check_warns_when_a_camera_is_lost(fundus_dir: Path, tmp_path: Path):
+    """`maskaudit check` on the published tree: every camera kept; without Remidio's Test masks, a warning says so."""
+    import shutil
+
+    from maskaudit.data.check import check_config
+
+    root = tmp_path / "chaksu"
+    build(fundus_dir, root)
+    config = config_from_dict({"data": {"source": "chaksu", "root": str(root)}, "folds": 2})
+    (check,) = check_config(config)
+    cameras = {g["value"]: g for g in check.groups if g["group"] == "camera"}
+    assert {c: (g["found"], g["kept"]) for c, g in cameras.items()} == {"Bosch": (6, 6), "Forus": (6, 5),
+                                                                       "Remidio": (7, 5)}
+    # the fixture's two bad Remidio rows (an unknown decision, a missing file) warn; no mask is missing
+    assert not any("no STAPLE mask" in w for w in check.warnings if w.startswith("camera Remidio"))
+    shutil.rmtree(root / "Test" / "4.0_OD_CO_Fusion_Images" / "Remedio")
+    (check,) = check_config(config)
+    remidio = next(g for g in check.groups if g["group"] == "camera" and g["value"] == "Remidio")
+    assert (remidio["found"], remidio["kept"]) == (7, 3)
+    warning = next(w for w in check.warnings if w.startswith("camera Remidio"))
+    assert "4 of 7 rows rejected" in warning and "no STAPLE mask 2" in warning

@@ -267,3 +267,4 @@ def test_study_config_runs_end_to_end(padchest: dict, cxr_dir: Path, tmp_path: P
     # the external set as the study used it: every image under `full`, the masked strategies where CheXmask has a mask
     scored = preds[preds["dataset"] == "chestxray14"].groupby("test_strategy")["image_id"].nunique()
     assert scored["full"] == 6 and set(scored.drop("full")) == {4} and len(scored) == len(config.eval_strategies)
+    assert "all 6 scored under <code>full</code>, the 4 with masks under the masked strategies" in html

@@ -130,6 +130,32 @@ def demo(
 
 @app.command()
 @user_errors
+def check(
+    config: Annotated[Path, typer.Argument(help="config YAML")],
+    json_file: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON to this file")]
+    = None,
+) -> None:
+    """Check the config's data before training: every row read as `prepare` would (file headers only).
+
+    Per dataset: rows kept and rejected, by reason and per group; positives per class and split.
+
+    Then warnings, and errors (exit status 1): what would make `maskaudit run` fail or its numbers mean little.
+    """
+    from maskaudit.data.check import check_config, print_checks
+    from maskaudit.rundir import write_json
+
+    settings = load_config(config)
+    _setup_logging(None)  # a source's own notes (e.g. reading a large table) on the console
+    checks = check_config(settings)
+    print_checks(checks)
+    if json_file is not None:
+        write_json(json_file, {"ok": all(c.ok for c in checks), "datasets": [c.to_dict() for c in checks]})
+    if not all(c.ok for c in checks):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@user_errors
 def prepare(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """Decode, resize with padding and store every image, mask and distance map once."""
     _audit(out, config).prepare(force)

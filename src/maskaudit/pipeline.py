@@ -198,7 +198,9 @@ class Audit:
     # ------------------------------------------------------------------ stages
 
     def prepare(self, force: bool = False) -> None:
-        def prepare_one(config: AuditConfig, where: Path) -> dict:
+        from maskaudit.data.check import CHECK_FILE, check_store
+
+        def prepare_one(config: AuditConfig, where: Path, name: str = "main") -> dict:
             marker = where / ".fingerprint"
             wanted = self._store_fingerprint(config)
             if where.exists() and (not marker.is_file() or marker.read_text() != wanted):
@@ -207,7 +209,15 @@ class Audit:
             write_text(marker, wanted)
             source = make_source(config)
             unions = [k for k in self._union_keys(config.roi) if all(p in source.rois for p in k.split("+"))]
-            store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers)
+            external = name != "main"  # scored, never trained on: images without masks are scored under full
+            store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers,
+                                  masks="optional" if external else "required")
+            check = check_store(store, config, name, external=external)  # as `maskaudit check` says
+            for text in check.warnings:
+                log.warning("prepare: %s", text)
+            for text in check.errors:
+                log.error("prepare: %s", text)
+            write_json(where / CHECK_FILE, check.to_dict())
             counts = store.manifest["status"].value_counts().to_dict()
             return {"kept": int(counts.get("kept", 0)), "rejected": int(counts.get("rejected", 0))}
 
@@ -215,7 +225,7 @@ class Audit:
             summary = prepare_one(self.config, self.run.prepared)
             for name, config in self.external_configs().items():
                 log.info("prepare: external dataset %s", name)
-                summary[f"external {name}"] = prepare_one(config, self.run.external(name))
+                summary[f"external {name}"] = prepare_one(config, self.run.external(name), name)
             return summary
 
         self._stage("prepare", work, force)

@@ -333,7 +333,8 @@ class _Slots:
 
 def _listing_entry(item: Record | Rejected) -> list[Any]:
     if isinstance(item, Rejected):
-        return ["rejected", item.image_id, item.reason, item.source_path, item.row]
+        return ["rejected", item.image_id, item.reason, item.source_path, item.row, item.patient_id, item.labels,
+                item.metadata, item.split]
     return [
         "record", item.image_id, item.patient_id, item.labels, item.metadata,
         item.source_path, item.split, repr(item.key), item.no_masks,
@@ -557,10 +558,12 @@ def prepare_store(
         base = {
             "image_id": item.image_id, "source_path": item.source_path, "row": item.row,
         }  # fmt: skip
-        if isinstance(item, Rejected):
-            rows.append(
-                {**base, "patient_id": None, "status": "rejected", "reason": item.reason, "index": -1}
-            )
+        if isinstance(item, Rejected):  # with whatever of its row the source could read
+            rows.append({
+                **base, "patient_id": item.patient_id, "status": "rejected", "reason": item.reason, "index": -1,
+                "split": item.split, **{c: item.labels.get(c) for c in classes},
+                **{c: item.metadata.get(c) for c in metadata_columns},
+            })  # fmt: skip
             continue
         if slot is None:
             status, reason, index = "rejected", duplicates[position], -1

@@ -260,6 +260,15 @@ def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def data_checks(audit: Audit) -> list[dict[str, Any]]:
+    """The data check ``prepare`` kept beside each prepared store (``check.json``): main, then external sets."""
+    from maskaudit.data.check import read_check
+
+    folders = {"main": audit.run.prepared, **{ext.name: audit.run.external(ext.name) for ext in audit.config.external}}
+    checks = [read_check(folder) for folder in folders.values()]
+    return [check.to_dict() for check in checks if check is not None]
+
+
 def _status(audit: Audit, stages: dict, name: str) -> str:
     """Why an analysis shows nothing (or a note it left), empty when it ran without one."""
     if name not in audit.config.analyses.run:
@@ -634,6 +643,7 @@ def write_report(audit: Audit) -> dict:
         probing=config.probing,
         probe_images="every image" if config.predict.images == "all" else "the hold-out images",
         data=data_tables(audit),
+        data_checks=data_checks(audit),
         stages=stage_rows(stages, config),
         versions=software_versions(),
         config_yaml=run.config.read_text(),

@@ -54,12 +54,22 @@ class Record:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A row the source could not use, and why. Every rejected row lands in the manifest."""
+    """A row the source could not use, and why. Every rejected row lands in the manifest.
+
+    ``patient_id``, ``labels``, ``metadata`` and ``split`` are what the source could still read
+    of the row (empty when nothing): they place the rejection in its group (a camera, a
+    projection, the official test split), so that ``maskaudit check`` can say when a whole
+    group is lost.
+    """
 
     image_id: str
     reason: str
     source_path: str = ""
     row: int | None = None
+    patient_id: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
 
 
 @dataclass(frozen=True)

@@ -228,52 +228,57 @@ class ChaksuSource(Source):
                     images.setdefault(name_key(path.name), path)
         csv_path, rows = self._decisions(split_dir, camera)
         csv_name = csv_path.name if csv_path else f"{camera} majority CSV"
+
+        def reject(image_id: str, reason: str, source_path: str = "", line: int | None = None,
+                   label: int | None = None, patient: str | None = None) -> Rejected:
+            """A rejection in its split and camera (and class, when decided), so that a lost group shows."""
+            return Rejected(image_id, reason, source_path, line, patient_id=patient,
+                            labels={} if label is None else {"glaucoma": label}, metadata={"camera": camera},
+                            split=split)
+
         decided: dict[str, tuple[int, str]] = {}
         for line, entry, decision in rows:
             key = name_key(entry)
             image_id = f"{split_name}/{camera}/{key}"
+            label = self.decisions.get(" ".join(decision.upper().split()))
             if blank(entry):
-                yield Rejected(image_id="", reason=f"missing image name ({csv_name} row {line})", row=line)
+                yield reject("", f"missing image name ({csv_name} row {line})", line=line)
             elif key in decided:
-                yield Rejected(
-                    image_id=image_id,
-                    reason=f"duplicate image id: {entry!r} (first on row {decided[key][0]}) ({csv_name} row {line})",
-                    row=line,
-                )
+                yield reject(image_id, f"duplicate image id: {entry!r} (first on row {decided[key][0]}) "
+                             f"({csv_name} row {line})", line=line, label=label)
             else:
                 decided[key] = (line, decision)
                 if key not in images:
-                    yield Rejected(
-                        image_id=image_id,
-                        reason=f"image file not found: {entry!r} in {split_name}/{IMAGES}/{camera} "
-                        f"({csv_name} row {line})",
-                        row=line,
-                    )
+                    yield reject(image_id, f"image file not found: {entry!r} in {split_name}/{IMAGES}/{camera} "
+                                 f"({csv_name} row {line})", line=line, label=label)
         for key, path in images.items():
             stem = path.stem
             image_id = f"{split_name}/{camera}/{key}"
             source_path = str(path.relative_to(self.root))
             where = f"({source_path})"
+            patient = patient_of(camera, stem)
             if key not in decided:
-                yield Rejected(image_id, f"no glaucoma decision: not in {csv_name} {where}", source_path)
+                yield reject(image_id, f"no glaucoma decision: not in {csv_name} {where}", source_path,
+                             patient=patient)
                 continue
             line, decision = decided[key]
             label = self.decisions.get(" ".join(decision.upper().split()))
             if label is None:
-                yield Rejected(image_id, f"unknown decision: {decision!r} ({csv_name} row {line})", source_path, line)
+                yield reject(image_id, f"unknown decision: {decision!r} ({csv_name} row {line})", source_path, line,
+                             patient=patient)
                 continue
             candidates = masks.get(key, [])
             if not candidates:
-                yield Rejected(image_id, f"no STAPLE mask: none named {key!r} under {split_name}/{MASKS}/**/STAPLE "
-                               f"{where}", source_path, line)
+                yield reject(image_id, f"no STAPLE mask: none named {key!r} under {split_name}/{MASKS}/**/STAPLE "
+                             f"{where}", source_path, line, label, patient)
                 continue
             mask, why = self._mask_for(candidates, camera)
             if mask is None:
-                yield Rejected(image_id, f"{why} {where}", source_path, line)
+                yield reject(image_id, f"{why} {where}", source_path, line, label, patient)
                 continue
             yield Record(
                 image_id=image_id,
-                patient_id=patient_of(camera, stem),
+                patient_id=patient,
                 labels={"glaucoma": label},
                 metadata={"camera": camera},
                 source_path=source_path,

@@ -124,10 +124,19 @@ class ChestXray14Source(Source):
         for position, row in enumerate(frame.to_dict("records")):
             line = position + 2
             image_id = "" if blank(row[ID]) else str(row[ID]).strip()
+            patient = "" if blank(row[PATIENT]) else str(row[PATIENT]).strip()
+            metadata = {
+                "age": _age(row[AGE]),
+                "sex": None if blank(row[SEX]) else str(row[SEX]).strip(),
+                "projection": None if blank(row[VIEW]) else str(row[VIEW]).strip(),
+            }
+            findings = {self.normalise_label(x) for x in str(row[LABELS]).split("|")} - {""}
+            labels = {} if blank(row[LABELS]) else {c: int(c in findings) for c in cfg.classes}
 
-            def reject(reason: str, image_id: str = image_id, line: int = line) -> Rejected:
-                reason = f"{reason} ({name} row {line})"
-                return Rejected(image_id=image_id, reason=reason, source_path=image_id, row=line)
+            def reject(reason: str, image_id: str = image_id, line: int = line, patient: str = patient,
+                       metadata: dict = metadata, labels: dict = labels) -> Rejected:
+                return Rejected(image_id=image_id, reason=f"{reason} ({name} row {line})", source_path=image_id,
+                                row=line, patient_id=patient or None, labels=labels, metadata=metadata)
 
             if not image_id:
                 yield reject("missing image id")
@@ -136,10 +145,9 @@ class ChestXray14Source(Source):
                 yield reject(f"duplicate image id: {image_id!r} (first on row {seen[image_id]})")
                 continue
             seen[image_id] = line
-            if blank(row[LABELS]):
+            if not labels:
                 yield reject("no labels: the Finding Labels cell is empty")
                 continue
-            findings = {self.normalise_label(x) for x in str(row[LABELS]).split("|")} - {""}
             if image_id in twice:
                 yield reject(f"image file found twice under {self.root}: {image_id}")
                 continue
@@ -147,7 +155,6 @@ class ChestXray14Source(Source):
             if path is None:
                 yield reject(f"image file not found: {image_id} under {self.root}")
                 continue
-            patient = "" if blank(row[PATIENT]) else str(row[PATIENT]).strip()
             if not patient:
                 yield reject("missing patient id")
                 continue
@@ -157,12 +164,8 @@ class ChestXray14Source(Source):
             yield Record(
                 image_id=image_id,
                 patient_id=patient,
-                labels={c: int(c in findings) for c in cfg.classes},
-                metadata={
-                    "age": _age(row[AGE]),
-                    "sex": None if blank(row[SEX]) else str(row[SEX]).strip(),
-                    "projection": None if blank(row[VIEW]) else str(row[VIEW]).strip(),
-                },
+                labels=labels,
+                metadata=metadata,
                 source_path=str(path.relative_to(self.root)),
                 key=ChexmaskKey(row=line, image=str(path), mask=None if no_masks else self.chexmask.rows[image_id]),
                 row=line,

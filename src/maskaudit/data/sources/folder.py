@@ -204,20 +204,22 @@ class FolderSource(Source):
             if image_id and image_id in seen and not problems:
                 problems.append(f"duplicate image id: {image_id!r} (first on row {seen[image_id]})")
             source_path = "" if _blank(image_text) else str(image_text).strip()
-            if problems:
-                reason = "; ".join(problems) + f" ({self.csv.name} row {line})"
-                yield Rejected(image_id=image_id, reason=reason, source_path=source_path, row=line)
-                continue
-            assert image_path is not None
-            seen[image_id] = line
             split = None
             if cfg.split_column is not None and not _blank(row[cfg.split_column]):
                 split = str(row[cfg.split_column]).strip().lower()
+            metadata = {name: _plain(row[name]) for name in cfg.metadata_columns}
+            if problems:
+                reason = "; ".join(problems) + f" ({self.csv.name} row {line})"
+                yield Rejected(image_id=image_id, reason=reason, source_path=source_path, row=line,
+                               patient_id=patient_id or None, labels=labels, metadata=metadata, split=split)
+                continue
+            assert image_path is not None
+            seen[image_id] = line
             yield Record(
                 image_id=image_id,
                 patient_id=patient_id,
                 labels=labels,
-                metadata={name: _plain(row[name]) for name in cfg.metadata_columns},
+                metadata=metadata,
                 source_path=source_path,
                 split=split,
                 key=FolderKey(row=line, image=str(image_path), masks=tuple(masks)),

@@ -232,9 +232,21 @@ class PadChestSource(Source):
             image_id = "" if blank(row["ImageID"]) else str(row["ImageID"]).strip()
             image_dir = "" if blank(row["ImageDir"]) else str(row["ImageDir"]).strip()
             source_path = f"{image_dir}/{image_id}" if image_dir else image_id
+            patient = "" if blank(row["PatientID"]) else str(row["PatientID"]).strip()
+            projection = "" if blank(row["Projection"]) else str(row["Projection"]).strip()
+            birth = row["PatientBirth"]
+            metadata = {
+                "birth_year": None if blank(birth) else _year(birth),
+                "sex": None if blank(row["PatientSex_DICOM"]) else str(row["PatientSex_DICOM"]).strip(),
+                "projection": projection or None,
+            }
+            context = {"patient_id": patient or None, "metadata": metadata}
 
-            def reject(reason: str, image_id: str = image_id, path: str = source_path, line: int = line) -> Rejected:
-                return Rejected(image_id=image_id, reason=f"{reason} ({name} row {line})", source_path=path, row=line)
+            def reject(reason: str, image_id: str = image_id, path: str = source_path, line: int = line,
+                       context: dict = context, labels: list[str] | None = None) -> Rejected:
+                known = {} if labels is None else {c: int(c in labels) for c in cfg.classes}
+                return Rejected(image_id=image_id, reason=f"{reason} ({name} row {line})", source_path=path, row=line,
+                                labels=known, **context)
 
             if not image_id:
                 yield reject("missing image id")
@@ -246,7 +258,6 @@ class PadChestSource(Source):
             if image_id in self.invalid:
                 yield reject(f"invalid image: listed in {Path(cfg.invalid_csv or '').name}")
                 continue
-            projection = "" if blank(row["Projection"]) else str(row["Projection"]).strip()
             if projection not in cfg.projections:
                 yield reject(f"projection not kept: {projection or '(empty)'!r} not in {cfg.projections}")
                 continue
@@ -256,18 +267,14 @@ class PadChestSource(Source):
                 continue
             path = (self.root / image_dir / image_id).resolve()
             if not path.is_relative_to(self.root):
-                yield reject(f"image path leaves the data folder {self.root}: {source_path}")
+                yield reject(f"image path leaves the data folder {self.root}: {source_path}", labels=labels)
                 continue
             if not path.is_file():
-                yield reject(f"image file not found: {source_path}")
+                yield reject(f"image file not found: {source_path}", labels=labels)
                 continue
-            patient = "" if blank(row["PatientID"]) else str(row["PatientID"]).strip()
             if not patient:
-                yield reject("missing patient id")
+                yield reject("missing patient id", labels=labels)
                 continue
-            birth = row["PatientBirth"]
-            birth_year = None if blank(birth) else _year(birth)
-            sex = None if blank(row["PatientSex_DICOM"]) else str(row["PatientSex_DICOM"]).strip()
             no_masks = self.chexmask.reason(image_id, cfg.min_dice_rca)
             if no_masks:
                 no_masks = f"{no_masks} ({name} row {line})"
@@ -275,7 +282,7 @@ class PadChestSource(Source):
                 image_id=image_id,
                 patient_id=patient,
                 labels={c: int(c in labels) for c in cfg.classes},
-                metadata={"birth_year": birth_year, "sex": sex, "projection": projection},
+                metadata=metadata,
                 source_path=source_path,
                 key=ChexmaskKey(row=line, image=str(path), mask=None if no_masks else self.chexmask.rows[image_id]),
                 row=line,
