@@ -94,7 +94,7 @@ def test_chaksu(fundus_dir: Path, tmp_path: Path):
     assert rejected["Test/Remidio/img_999"].startswith("image file not found")
     assert rejected["Test/Remidio/img_116"].startswith("unknown decision")
     assert {r.split for r in kept if r.image_id.startswith("Test/")} == {"test"}
-    assert {r.split for r in kept if r.image_id.startswith("Train/")} == {None}
+    assert {r.split for r in kept if r.image_id.startswith("Train/")} == {"train"}
     bosch = [r for r in kept if r.metadata == {"camera": "Bosch"}]
     train_patients = sorted(r.patient_id for r in bosch if r.image_id.startswith("Train/"))
     assert train_patients == ["Bosch/P1", "Bosch/P1", "Bosch/P2"]
@@ -161,3 +161,6 @@ def test_check_warns_when_a_camera_is_lost(fundus_dir: Path, tmp_path: Path):
     assert (remidio["found"], remidio["kept"]) == (7, 3)
     warning = next(w for w in check.warnings if w.startswith("camera Remidio"))
     assert "4 of 7 rows rejected" in warning and "no STAPLE mask 2" in warning
+    # the hold-out set has lost its Remidio images: the warning that would have caught the Remedio misspelling
+    assert any(w.startswith("split / camera test / Remidio: all 4 rows rejected") and "no STAPLE mask 2" in w
+               for w in check.warnings)

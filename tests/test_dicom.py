@@ -483,3 +483,30 @@ def test_folder_source_passes_the_window_option(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded["none"], ds.pixel_array)
     np.testing.assert_array_equal(loaded["auto"], _wide_to_uint16(apply_voi_lut(ds.pixel_array, ds)))
     assert not any(isinstance(item, Rejected) for item in source.records())
+
+
+@pytest.mark.slow
+def test_dicom_folder_audits_end_to_end(tmp_path: Path) -> None:
+    """`maskaudit check` then the whole audit (`Audit.run_all`) on the folder of real DICOM files."""
+    import pandas as pd
+    import yaml
+    from typer.testing import CliRunner
+
+    from maskaudit.cli import app
+    from maskaudit.pipeline import Audit
+
+    labels = build_dicom_folder(tmp_path / "data")
+    raw = {
+        "data": {"source": "folder", "labels_csv": str(labels), "classes": ["finding"]},
+        "image_size": 32, "strategies": ["full", "no_roi", "only_roi"], "folds": 2, "seed": 3,
+        "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
+        "train": {"epochs": 1, "batch_size": 4}, "workers": 1, "analyses": {"run": []},
+    }  # fmt: skip
+    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "audit.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "1 of 13 rows rejected" in result.output and "multi-frame DICOM (15 frames)" in result.output
+    Audit.create(tmp_path / "run", config_from_dict(raw)).run_all()
+    predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert set(predictions["test_strategy"]) == {"full", "no_roi", "only_roi"}
+    assert predictions["probability"].between(0, 1).all() and (tmp_path / "run" / "report.html").is_file()

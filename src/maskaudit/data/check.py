@@ -12,8 +12,11 @@ The rules (what :func:`summarise` reports):
 *Warnings* (the run works, but look):
 
 - a group loses every row (found > 0, kept 0), or more than :data:`REJECTED_SHARE` of its rows
-  are rejected; a group is a value of the official split, of a metadata column with at most
-  :data:`MAX_GROUP_VALUES` distinct values, or a class label (positive / negative);
+  are rejected and that share is more than :data:`REJECTED_SHARE` above the dataset's own (a
+  group that loses no more than the rest is covered by the dataset's warning); a group is a
+  value of the official split, of a metadata column with at most :data:`MAX_GROUP_VALUES`
+  distinct values, of the two together (``split / camera``: a camera lost from the hold-out
+  set alone), or a class label (positive / negative);
 - more than :data:`REJECTED_SHARE` of the whole dataset's rows are rejected;
 - an external dataset: a class with no kept positive (or negative), which gets no AUC there;
   kept images without masks, which are scored under ``full`` alone.
@@ -207,9 +210,12 @@ def _groupings(frame: pd.DataFrame, classes: Sequence[str], metadata_columns: Se
         groupings["split"] = _group_text(split).str.lower().where(known)
     else:
         groupings["split"] = pd.Series("all", index=frame.index, dtype=object)
+    official = groupings["split"].nunique() > 1
     for name in metadata_columns:
         if name in frame and 2 <= frame.loc[known, name].nunique(dropna=False) <= MAX_GROUP_VALUES:
             groupings[name] = _group_text(frame[name]).where(known)
+            if official:  # e.g. "test / Remidio": a camera lost from the hold-out set alone
+                groupings[f"split / {name}"] = groupings["split"] + " / " + groupings[name]
     for name in classes:
         label = frame[name].astype("Float64")
         side = pd.Series(None, index=frame.index, dtype=object)
@@ -272,10 +278,12 @@ def summarise(
     check.reasons = {str(k): int(v) for k, v in kinds[~kept].value_counts().items()}
     warn, fail = check.warnings.append, check.errors.append
     if check.rejected / max(n, 1) > REJECTED_SHARE and check.kept:
+        first = str(frame.loc[~kept, "reason"].iloc[0])
         warn(f"{dataset}: {check.rejected} of {n} rows rejected ({_percent(check.rejected, n)}): "
-             f"{_reason_text(kinds[~kept])}")
+             f"{_reason_text(kinds[~kept])}; the first: {first}")
 
-    # every group: rows found, kept, rejected by reason
+    # every group: rows found, kept, rejected by reason; a warning where it loses more than the rest
+    overall = check.rejected / max(n, 1)
     groupings = _groupings(frame, classes, metadata_columns, known)
     for name, values in groupings.items():
         part = pd.DataFrame({"value": values, "kept": kept, "kind": kinds}).dropna(subset=["value"])
@@ -286,12 +294,13 @@ def summarise(
                                  "rejected": found - rows_kept, "reasons": reasons})
             if name == "split" and value == "all":
                 continue  # the dataset itself
-            label = f"{name} {value}"
+            label = f"{dataset}: {name} {value}" if external else f"{name} {value}"
+            share = (found - rows_kept) / found
             if found and not rows_kept:
                 warn(f"{label}: all {found} rows rejected: {reasons}")
-            elif (found - rows_kept) / found > REJECTED_SHARE:
+            elif share > REJECTED_SHARE and share > overall + REJECTED_SHARE:
                 warn(f"{label}: {found - rows_kept} of {found} rows rejected "
-                     f"({_percent(found - rows_kept, found)}): {reasons}")
+                     f"({_percent(found - rows_kept, found)}, the dataset {_percent(check.rejected, n)}): {reasons}")
 
     if not check.kept:
         fail(f"{dataset}: no image kept of {n} rows" + (f" ({_reason_text(kinds)})" if n else ""))

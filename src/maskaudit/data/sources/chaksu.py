@@ -51,7 +51,7 @@ from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
 from maskaudit.data.sources.padchest import blank
 from maskaudit.errors import MaskauditError
 
-SPLITS = {"train": None, "test": "test"}
+SPLITS = {"train": "train", "test": "test"}  # "test": the official hold-out set
 IMAGES, MASKS, DECISIONS = "1.0_Original_Fundus_Images", "4.0_OD_CO_Fusion_Images", "6.0_Glaucoma_Decision"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _WITH_EXTENSION = re.compile(r"^(.*?)\.(jpe?g|png|tiff?|bmp)(?:$|[-_ .])", re.IGNORECASE)
@@ -108,8 +108,8 @@ class ChaksuSource(Source):
     Labels: the camera's majority decision CSV (column ``Majority Decision`` or ``Glaucoma
     Decision``, else one with ``majority`` in its name, else the last column; image names from
     the first column with ``image`` in its name): ``GLAUCOMA SUSPECT`` (and its published
-    misspelling) = 1, ``NORMAL`` = 0. Images of the ``Test`` folder get ``split = "test"``
-    (the official hold-out set). Metadata: ``camera``. Matching of image, mask and CSV entry
+    misspelling) = 1, ``NORMAL`` = 0. Images of the ``Test`` folder get ``split = "test"`` (the
+    official hold-out set), those of ``Train`` ``"train"``. Metadata: ``camera``. Matching of image, mask and CSV entry
     is by :func:`name_key`. A fusion mask is read as gray: ``disc`` = every pixel at or above
     1/4 of the maximum, ``cup`` = the brightest level (pixels at or above 3/4 of the maximum).
 
