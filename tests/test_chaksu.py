@@ -164,3 +164,30 @@ def test_check_warns_when_a_camera_is_lost(fundus_dir: Path, tmp_path: Path):
     # the hold-out set has lost its Remidio images: the warning that would have caught the Remedio misspelling
     assert any(w.startswith("split / camera test / Remidio: all 4 rows rejected") and "no STAPLE mask 2" in w
                for w in check.warnings)
+
+
+@pytest.mark.slow
+def test_study_config_checks_and_runs_on_the_published_tree(fundus_dir: Path, tmp_path: Path):
+    """configs/chaksu.yaml with only data.root edited: `maskaudit check` passes, then the audit runs (tiny model)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from maskaudit.cli import app
+    from maskaudit.pipeline import Audit
+
+    repo = Path(__file__).resolve().parents[1]
+    build(fundus_dir, tmp_path / "chaksu")
+    raw = yaml.safe_load((repo / "configs" / "chaksu.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "chaksu")  # the one line a user edits
+    raw.update(image_size=32, folds=2, workers=1)
+    raw["model"] = {"arch": "small_cnn", "weights": "none", "freeze": "none"}
+    raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 4}
+    raw["analyses"] = {"run": []}
+    (tmp_path / "chaksu.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "chaksu.yaml")])
+    assert result.exit_code == 0, result.output
+    Audit.create(tmp_path / "run", config_from_dict(raw)).run_all()
+    predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    test = predictions[predictions["split"] == "test"]
+    assert test["image_id"].nunique() == 8  # every test image the tree offers, Remidio's too
+    assert {i.split("/")[1] for i in test["image_id"].unique()} == {"Bosch", "Forus", "Remidio"}
