@@ -25,6 +25,8 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_loading.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_check.py
+	$(BIN)/python benchmarks/bench_chexmask_index.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def main() -> None:
             start = time.perf_counter()
             write_table(path, rows, args.rle_kb)
             written = time.perf_counter() - start
+            os.sync()  # the written file on disk before it is read: the scan does not race the write-back
             size = path.stat().st_size
             seconds, n, rss = index_in_child(path)
             assert n == rows, (n, rows)
