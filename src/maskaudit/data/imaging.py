@@ -10,6 +10,8 @@ and masks alike, so both land on the same pixel grid.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -70,20 +72,31 @@ def _open(path: Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise MaskauditError(f"{path}: file not found")
+    with _pillow(path, "decode image") as img:
+        img.seek(0)
+        img.load()
+        return img.copy() if img.mode != "P" else img.convert("RGBA" if _has_alpha(img) else "RGB")
+
+
+@contextmanager
+def _pillow(path: Path, doing: str) -> Iterator[Image.Image]:
+    """``Image.open(path)``, with Pillow's problems (in opening or in the caller's use) as one-line errors.
+
+    Pillow's decompression-bomb *warning* is raised as an error too; ``doing`` ("decode image",
+    "read image header") says in the message what failed.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.seek(0)
-                img.load()
-                return img.copy() if img.mode != "P" else img.convert("RGBA" if _has_alpha(img) else "RGB")
+                yield img
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise MaskauditError(
             f"{path}: refused as a possible decompression bomb ({exc}); "
             "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
-        raise MaskauditError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise MaskauditError(f"{path}: cannot {doing} ({type(exc).__name__}: {exc})") from None
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -222,24 +235,11 @@ def image_header(path: Path) -> ImageHeader:
         ds = dicom.read_dataset(path, head, header_only=True)
         rows, columns, samples, frames = dicom.geometry(ds, path)
         return ImageHeader(rows, columns, dicom.header_channels(ds, samples), frames, "dicom")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if img.mode == "P":
-                    channels = 4 if _has_alpha(img) else 3
-                else:
-                    channels = len(img.getbands())
-                frames = int(getattr(img, "n_frames", 1))
-                kind = (img.format or "unknown").lower()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise MaskauditError(
-            f"{path}: refused as a possible decompression bomb ({exc}); "
-            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
-        ) from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
-        raise MaskauditError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from None
+    with _pillow(path, "read image header") as img:
+        width, height = img.size
+        channels = (4 if _has_alpha(img) else 3) if img.mode == "P" else len(img.getbands())
+        frames = int(getattr(img, "n_frames", 1))
+        kind = (img.format or "unknown").lower()
     return ImageHeader(height, width, channels, frames, kind)
 
 
