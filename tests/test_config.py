@@ -30,7 +30,7 @@ def test_wrong_type_is_named():
 
 
 def test_unknown_strategy_is_named():
-    with pytest.raises(MaskauditError, match="strategies.0"):
+    with pytest.raises(MaskauditError, match=r"strategies\[0\]"):
         config_from_dict({**SYN, "strategies": ["nolung"]})
 
 

@@ -2,6 +2,10 @@
 
 A thin layer over :class:`maskaudit.pipeline.Audit`: it parses arguments, sets up logging
 into the run directory, and turns a :class:`MaskauditError` into one line and exit code 1.
+
+It answers ``--help`` at once: at import it loads only typer, rich and stdlib (and
+:mod:`maskaudit.errors`); the pipeline (torch, pandas, matplotlib, ...) and even the config
+(pydantic) are imported inside the commands that need them (``tests/test_cli_fast.py``).
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.logging import RichHandler
 
-from maskaudit.config import ANALYSES, config_from_dict, load_config
+from maskaudit.config import ANALYSES  # light (pydantic, yaml): the analyses' names for the help
 from maskaudit.errors import MaskauditError
-from maskaudit.pipeline import Audit
 from maskaudit.reader.cli import reader_app
+
+if TYPE_CHECKING:
+    from maskaudit.pipeline import Audit
+
 
 app = typer.Typer(
     add_completion=False,
@@ -36,12 +42,18 @@ Force = Annotated[bool, typer.Option("--force", help="redo the stage even if it 
 
 
 def _setup_logging(log_file: Path | None) -> None:
+    from rich.logging import RichHandler
+
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.INFO)
-    console = RichHandler(show_path=False, show_time=False, markup=False)
+    if sys.stdout.isatty():
+        console: logging.Handler = RichHandler(show_path=False, show_time=False, markup=False)
+    else:  # a file, a pipe, CI: one plain line per message, never wrapped
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     console.setLevel(logging.INFO)
     root.addHandler(console)
     if log_file is not None:
@@ -71,6 +83,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _audit(out: Path, config: Path | None) -> Audit:
+    from maskaudit.pipeline import Audit
+
     audit = Audit.open(out, config)
     _setup_logging(audit.run.log)
     return audit
@@ -80,6 +94,9 @@ def _audit(out: Path, config: Path | None) -> Audit:
 @user_errors
 def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -> None:
     """The whole audit: prepare, split, train, predict, metrics, analyses, report."""
+    from maskaudit.config import load_config
+    from maskaudit.pipeline import Audit
+
     settings = load_config(config)
     if settings.probing:
         raise MaskauditError(f"{config} names models to probe (`model.source` / `models`): use `maskaudit probe`")
@@ -94,6 +111,9 @@ def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -
 def probe(config: Annotated[Path, typer.Argument(help="config YAML with `model: {source: ...}` or `models: [...]`")],
           out: Out) -> None:
     """Audit models trained elsewhere as they are: every masking, analyses, verdict and report; no training."""
+    from maskaudit.config import load_config
+    from maskaudit.pipeline import Audit
+
     settings = load_config(config)
     if not settings.probing:
         raise MaskauditError(f"{config} names no model to probe: add `model: {{source: python|torchscript|onnx|"
@@ -122,6 +142,9 @@ def demo(
     """The whole audit on built-in synthetic images whose truth is known, then the report's path."""
     if kind not in ("cxr", "fundus"):
         raise MaskauditError(f"--kind must be cxr or fundus, got {kind!r}")
+    from maskaudit.config import config_from_dict
+    from maskaudit.pipeline import Audit
+
     audit = Audit.create(out, config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml"))
     _setup_logging(audit.run.log)
     report = audit.run_all()
@@ -141,6 +164,7 @@ def check(
 
     Then warnings, and errors (exit status 1): what would make `maskaudit run` fail or its numbers mean little.
     """
+    from maskaudit.config import load_config
     from maskaudit.data.check import check_config, print_checks
     from maskaudit.rundir import write_json
 
@@ -238,6 +262,15 @@ def report(
     audit = _audit(out, config)
     audit.report(force)
     typer.echo(f"report: {audit.run.report}")
+
+
+@app.command()
+@user_errors
+def status(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """Where a run stands: the stages and jobs done, and what is left to do."""
+    from maskaudit.runstatus import show_status
+
+    show_status(run_dir)
 
 
 app.add_typer(reader_app, name="reader", help="Blinded reader study: create it, serve it to readers, analyse "

@@ -6,10 +6,12 @@ Unknown keys, wrong types and missing files are errors that name the key or the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -450,12 +452,22 @@ class ReaderConfig(Strict):
     percentiles: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0], min_length=1)
 
 
+class EvidenceConfig(Strict):
+    """When the report and the verdict's reading say the evidence is weak (:mod:`maskaudit.analyses.verdict`)."""
+
+    min_class_count: int = Field(10, ge=1, description="a class with fewer positives or negatives than this in "
+                                                       "the hold-out set (or a fold's validation set) is flagged")
+    chance_margin: float = Field(0.05, ge=0.0, lt=0.5, description="a fold's validation AUC is at chance when its "
+                                                                   "CI reaches 0.5 or it is below 0.5 + this")
+
+
 class VerdictConfig(Strict):
     """The rules of the per-class verdict (README, "Reading the verdict")."""
 
     min_auc: float = Field(0.6, gt=0.5, lt=1.0, description="an AUC is evidence of signal when its CI's lower "
                                                                 "bound is above 0.5 and the AUC at least this")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of DeLong's paired tests")
+    evidence: EvidenceConfig = EvidenceConfig()
 
 
 class AnalysesConfig(Strict):
@@ -607,16 +619,86 @@ class AuditConfig(Strict):
         return next((m.name for m in self.models if m.source in ("python", "torchxrayvision")), None)
 
 
-def _error_line(exc: ValidationError, origin: str) -> str:
+def _unwrap(annotation: Any, discriminator: str | None) -> tuple[Any, str | None]:
+    """``X | None`` → ``X``, ``Annotated[X, Field(discriminator=...)]`` → ``X`` and its discriminator."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            discriminator = next((m.discriminator for m in extra if getattr(m, "discriminator", None)), discriminator)
+        elif get_origin(annotation) in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation, discriminator
+            annotation = members[0]
+        else:
+            return annotation, discriminator
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _user_key(loc: tuple[int | str, ...], raw: Any) -> tuple[str, list[str], str | None]:
+    """A pydantic error's location as the key the user wrote, the keys allowed beside its last part, and the
+    discriminator still to choose a union's member when the location ends at the union.
+
+    Walks :class:`AuditConfig`'s fields along ``loc``: drops the tag pydantic adds under a union (the member's
+    ``source``: ``data.folder.labels_csv`` → ``data.labels_csv``), writes list indices as ``external[0]``, and
+    says ``model`` for the one probed model that ``model: {source: ...}`` became (``models[0]``)."""
+    where: list[str] = []
+    allowed: list[str] = []
+    here: Any = AuditConfig
+    pending: str | None = None
+    for part in loc:
+        here, pending = _unwrap(here, pending)
+        if part == "[key]" or str(part).startswith("function-"):
+            continue  # a dict's key (the error is about the key itself), or a validator's name
+        if get_origin(here) in (Union, types.UnionType):  # pydantic's tag of the member the error is in
+            members = [a for a in get_args(here) if _is_model(a)]
+            here = next((m for m in members if pending and pending in m.model_fields
+                         and part in get_args(m.model_fields[pending].annotation)), None)
+            pending = None
+            continue
+        if _is_model(here):
+            allowed = list(here.model_fields)
+            field = here.model_fields.get(str(part))
+            here, pending = (field.annotation, field.discriminator) if field else (None, None)
+            where.append(f".{part}")
+            continue
+        if get_origin(here) in (list, tuple) and isinstance(part, int):
+            args = [a for a in get_args(here) if a is not Ellipsis]  # list[X], tuple[X, ...], tuple[X, Y]
+            here = args[min(part, len(args) - 1)] if args else None
+        elif get_origin(here) is dict:
+            here = get_args(here)[1] if get_args(here) else None
+        else:
+            here = None
+        where.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        allowed, pending = [], None
+    one = raw.get("model") if isinstance(raw, dict) else None
+    if where[:2] == [".models", "[0]"] and isinstance(one, dict) and "source" in one and not raw.get("models"):
+        where[:2] = [".model"]
+    here, pending = _unwrap(here, pending)
+    return "".join(where).removeprefix("."), allowed, pending if get_origin(here) in (Union, types.UnionType) else None
+
+
+def _error_line(exc: ValidationError, origin: str, raw: Any = None) -> str:
+    """Every error of ``exc`` in one line, each naming the key as written in the config (README, "Audit your
+    own images"): ``unknown key 'data.labels_cvs' (did you mean 'labels_csv'?)``."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "(top level)"
+        where, allowed, discriminator = _user_key(err["loc"], raw)
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {where!r}")
+            name = str(err["loc"][-1])
+            close = difflib.get_close_matches(name, allowed, n=1)
+            parts.append(f"unknown key {where!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         elif err["type"] == "missing":
-            parts.append(f"missing key {where!r}")
+            parts.append(f"missing key {where or '(top level)'!r}")
+        elif err["type"] == "union_tag_not_found" and discriminator:
+            parts.append(f"missing key {where + '.' + discriminator!r}")
         else:
-            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            if err["type"] == "union_tag_invalid" and discriminator:
+                where += f".{discriminator}"
+            parts.append(f"{where or '(top level)'}: {err['msg'].removeprefix('Value error, ')}")
     return f"{origin}: " + "; ".join(parts)
 
 
@@ -654,7 +736,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config", base: Path | N
     try:
         return AuditConfig.model_validate(raw)
     except ValidationError as exc:
-        raise MaskauditError(_error_line(exc, origin)) from None
+        raise MaskauditError(_error_line(exc, origin, raw)) from None
 
 
 def load_config(path: Path) -> AuditConfig:
