@@ -3,6 +3,10 @@
 A job is a plain function of picklable arguments (the run directory and the job's name),
 which reads everything else from the run directory; so the same function runs locally or
 on any Ray worker that sees the run directory on shared storage.
+
+Both executors show the stage's progress (:mod:`maskaudit.progress`): job i of N with its
+strategy and fold, elapsed and time left. Locally a job also counts its own steps (epochs,
+images) on the display; on Ray the jobs run elsewhere, so only finished jobs are counted.
 """
 
 from __future__ import annotations
@@ -10,28 +14,34 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+from maskaudit import progress
 from maskaudit.config import AuditConfig
 from maskaudit.errors import MaskauditError
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+def stage_name(fn: Callable[..., Any]) -> str:
+    """``run_train_job`` → ``train``."""
+    return fn.__name__.removeprefix("run_").removesuffix("_job").replace("_", " ")
+
+
+def job_label(args: tuple) -> str:
+    """``(run_root, strategy, fold)`` → ``no_roi fold 2``."""
+    return f"{args[1]} fold {args[2]}" if len(args) >= 3 else " ".join(map(str, args[1:]))
 
 
 class LocalExecutor:
     """Jobs one after the other in this process (the GPU, if any, serves one job at a time)."""
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, total: int | None = None,
+            done: int = 0) -> list[Any]:
+        """Run ``fn(*args)`` for each of ``calls``; ``total`` jobs in the stage, ``done`` of them before."""
         results = []
-        with _progress() as bar:
-            task = bar.add_task(fn.__name__.removeprefix("run_").replace("_", " "), total=len(calls))
+        with progress.stage(stage_name(fn), total if total is not None else len(calls) + done, done=done) as bar:
             for args in calls:
-                bar.update(task, description=f"{fn.__name__.removeprefix('run_')} {args[1]}/fold_{args[2]}")
-                results.append(fn(*args))
-                bar.advance(task)
+                bar.start_job(job_label(args))
+                result = fn(*args)
+                bar.end_job(result)
+                results.append(result)
         return results
 
 
@@ -47,17 +57,21 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, when set, names the cluster
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, total: int | None = None,
+            done: int = 0) -> list[Any]:
         gpus = 1 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = self.ray.remote(num_gpus=gpus, max_retries=2)(fn)
         refs = [remote.remote(*args) for args in calls]
-        with _progress() as bar:
-            task = bar.add_task(f"{fn.__name__} on ray", total=len(refs))
+        args_of = dict(zip(refs, calls, strict=True))
+        note = (f"{len(calls)} jobs on Ray; progress counts finished jobs (epochs and images run on the workers and "
+                "are not visible here: `maskaudit status RUN` reads them from the job folders)")
+        with progress.stage(stage_name(fn), total if total is not None else len(calls) + done, done=done,
+                            note=note) as bar:
             pending = list(refs)
             while pending:
-                done, pending = self.ray.wait(pending, num_returns=1)
-                self.ray.get(done)  # raises the job's error here
-                bar.advance(task)
+                finished, pending = self.ray.wait(pending, num_returns=1)
+                for ref in finished:
+                    bar.job_finished_elsewhere(job_label(args_of[ref]), self.ray.get(ref))  # raises the job's error
         return self.ray.get(refs)
 
 

@@ -29,6 +29,7 @@ from maskaudit.data.splits import Splits, load_splits, make_splits, save_splits
 from maskaudit.data.store import Store, prepare_store
 from maskaudit.errors import MaskauditError
 from maskaudit.executors import make_executor
+from maskaudit.progress import format_duration
 from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_text
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class Audit:
         started = time.perf_counter()
         extra = work() or {}
         self._mark(stage, time.perf_counter() - started, **extra)
-        log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+        log.info("%s: done in %s", stage, format_duration(time.perf_counter() - started))
 
     # ------------------------------------------------------------------ stages
 
@@ -267,9 +268,11 @@ class Audit:
                                  "train; run `maskaudit probe`")
 
         def work() -> None:
-            todo = [job for job in (only or self.jobs) if force or not self.job_done(*job)]
-            log.info("train: %d of %d jobs to run", len(todo), len(self.jobs))
-            make_executor(self.config).map(run_train_job, [(str(self.run.root), s, k) for s, k in todo])
+            grid = only or self.jobs
+            todo = [job for job in grid if force or not self.job_done(*job)]
+            log.info("train: %d of %d jobs to run", len(todo), len(grid))
+            make_executor(self.config).map(run_train_job, [(str(self.run.root), s, k) for s, k in todo],
+                                           total=len(grid), done=len(grid) - len(todo))
 
         if only:  # a partial grid never marks the stage done
             work()
@@ -290,7 +293,8 @@ class Audit:
             if missing:
                 raise MaskauditError(f"untrained jobs: {', '.join(missing[:6])}…; run `maskaudit train` first")
             todo = [(s, k) for s, k in self.jobs if force or not self._job_predicted(s, k)]
-            make_executor(self.config).map(run_predict_job, [(str(self.run.root), s, k) for s, k in todo])
+            make_executor(self.config).map(run_predict_job, [(str(self.run.root), s, k) for s, k in todo],
+                                           total=len(self.jobs), done=len(self.jobs) - len(todo))
             table = pd.concat([pd.read_parquet(self.run.job(s, k) / "predictions.parquet") for s, k in self.jobs],
                               ignore_index=True)
             write_table(self.run.predictions, table)

@@ -25,6 +25,7 @@ from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN
 from maskaudit.models import build_model, load_checkpoint
+from maskaudit.progress import active
 from maskaudit.rundir import RunDir, write_json
 
 COLUMNS = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
@@ -52,6 +53,7 @@ def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, te
                              num_workers=config.train.num_workers):
             for strategy in test_strategies:
                 out[strategy].append(probabilities(model, batch.masked(strategy, config, store)).cpu().numpy())
+            active().step(len(batch.index))  # the stage's display counts images scored
     n_classes = model.n_classes
     return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
 
@@ -120,6 +122,19 @@ def job_model(config: AuditConfig, store: Store, run: RunDir, strategy: str, fol
     return model.to(device).eval()
 
 
+def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[AuditConfig, Store]] | None) -> int:
+    """How many images :func:`predict_job` passes through :func:`predict_images` (for the progress display)."""
+    total = sum(len(indices) for indices in parts.values())
+    for ext_config, ext_store in (externals or {}).values():
+        strategies = scorable_strategies(ext_config, ext_store)
+        masked, others = int(ext_store.masked.sum()), any(s != "full" for s in strategies)
+        if masked == ext_store.n or not others:
+            total += ext_store.n
+        else:  # as predict_parts: full on every image, the masked strategies on those with masks
+            total += ext_store.n * ("full" in strategies) + masked
+    return total
+
+
 def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
                 fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
     """The job's model on the hold-out set (a probe: or every image), its validation fold and every external image.
@@ -133,6 +148,8 @@ def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, 
     parts = {"test": scored_images(config, store, splits)}
     if config.predict.validation and not config.probing:
         parts["val"] = splits.val(fold)
+    active().steps(_images_to_score(parts, externals), "images",
+                   note=f"each under {len(config.eval_strategies)} maskings")
     frames = []
     for split, indices in parts.items():
         probs = predict_images(model, store, indices, config.eval_strategies, config, device)

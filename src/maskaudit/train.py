@@ -6,6 +6,12 @@ are shuffled from the job's seed, masked, then augmented. After every epoch the 
 its whole state (``last.pt``), so a killed job resumes at the next epoch and ends with the
 same weights as an uninterrupted one: every epoch's randomness is drawn from a stream
 named by (seed, strategy, fold, epoch), not from a state carried across epochs.
+
+Each epoch is one line of the log file (``no_roi fold 2 epoch 5/250: train loss 0.3736, val loss
+0.3730 (best so far, saved as model.pt)``, or ``(best 0.3650 at epoch 3; 2/25 epochs without an
+improvement of more than 0.001)``: the early-stopping count), kept off the console while a stage
+display is on (see :mod:`maskaudit.progress`); one step of the stage's display; and a rewrite of
+``history.csv``, so that ``maskaudit status`` sees a running job's epochs without its checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from maskaudit.data.splits import Splits
 from maskaudit.data.store import Store
 from maskaudit.loader import batches, resolve_device
 from maskaudit.models import Classifier, build_model
+from maskaudit.progress import DETAIL, active
 from maskaudit.rundir import atomic_path, read_json, write_json
 from maskaudit.seeds import derive_seed, torch_generator
 from maskaudit.stats import class_auc
@@ -122,6 +129,8 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
             stopper = EarlyStopping(**state.stopper)
             log.info("%s fold %d: resuming after epoch %d", strategy, fold, state.epoch)
     writer = SummaryWriter(str(job_dir / "tb"), purge_step=state.epoch)
+    shown = active()
+    shown.steps(config.train.epochs, "epochs", done=state.epoch, exact=False)  # early stopping may end it sooner
 
     for epoch in range(state.epoch, config.train.epochs):
         if stopper.stop:
@@ -160,13 +169,19 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
             torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                         "stopper": asdict(stopper), "history": state.history}, tmp)
-        log.info("%s fold %d epoch %d: train %.4f val %.4f%s", strategy, fold, epoch,
-                 row["train_loss"], val_loss, " *" if improved else "")
+        _write_history(job_dir, state.history)
+        if improved:
+            standing = "best so far, saved as model.pt"
+        else:
+            standing = (f"best {stopper.best:.4f} at epoch {stopper.best_epoch + 1}; {stopper.counter}/"
+                        f"{stopper.patience} epochs without an improvement of more than {stopper.min_delta:g}")
+        log.info("%s fold %d epoch %d/%d: train loss %.4f, val loss %.4f (%s)", strategy, fold, epoch + 1,
+                 config.train.epochs, row["train_loss"], val_loss, standing, extra=DETAIL)
+        shown.step(note=f"improved: val {val_loss:.4f}" if improved else
+                   f"best val {stopper.best:.4f} (epoch {stopper.best_epoch + 1})")
     writer.close()
 
-    history = pd.DataFrame(state.history)
-    with atomic_path(job_dir / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
+    history = _write_history(job_dir, state.history)
     summary = {
         "strategy": strategy,
         "fold": fold,
@@ -185,6 +200,14 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
     write_json(job_dir / "job.json", summary)
     last.unlink(missing_ok=True)
     return summary
+
+
+def _write_history(job_dir: Path, rows: list[dict]) -> pd.DataFrame:
+    """``history.csv``: one row per finished epoch (rewritten after each, read by ``maskaudit status``)."""
+    history = pd.DataFrame(rows)
+    with atomic_path(job_dir / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    return history
 
 
 def job_finished(job_dir: Path, fingerprint: str) -> bool:

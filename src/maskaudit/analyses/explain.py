@@ -49,6 +49,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from maskaudit.errors import MaskauditError  # noqa: E402
+from maskaudit.progress import active  # noqa: E402
 
 __all__ = [
     "ATTRIBUTION_CMAP",
@@ -344,6 +345,7 @@ def _partition(
         explanation = explainer(hwc[i : i + 1], max_evals=max_evals, batch_size=batch_size, silent=True)
         values = np.asarray(explanation.values, dtype=np.float64).reshape(1, height, width, channels)
         out[i] = values[0].transpose(2, 0, 1)
+        active().step()
     return out
 
 
@@ -438,11 +440,13 @@ def _gradient_method(
                     with _shap_maxpool_fixed():
                         values = explainer.shap_values(images[start : start + batch_size], check_additivity=True)
                     parts.append(np.asarray(values, dtype=np.float64).reshape(-1, *images.shape[1:]))
+                    active().step(parts[-1].shape[0])
             else:
                 explainer = shap.GradientExplainer(wrapped, background, batch_size=batch_size)
                 for i in range(images.shape[0]):
                     values = explainer.shap_values(images[i : i + 1], nsamples=max_evals, rseed=seed)
                     parts.append(np.asarray(values, dtype=np.float64).reshape(1, *images.shape[1:]))
+                    active().step()
     except (RuntimeError, AssertionError) as exc:
         arch = getattr(model, "arch", type(model).__name__)
         name = "shap.DeepExplainer" if method == "deep" else "shap.GradientExplainer"

@@ -24,6 +24,7 @@ from maskaudit.executors import make_executor
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN, prediction_sets
 from maskaudit.predict import job_model, probabilities, scored_images
+from maskaudit.progress import active
 from maskaudit.report.figures import save_figure
 from maskaudit.rundir import write_table
 from maskaudit.seeds import derive_seed
@@ -199,9 +200,13 @@ def run_explain_job(run_root: str, strategy: str, fold: int) -> dict:
     device = resolve_device(c.train.device)
     model = job_model(c, store, audit.run, strategy, fold, device)
     chosen = explained_images(store, scored_images(c, store, splits), c.seed, e.images_per_class)
+    pairs = [p for p in explain_pairs(audit) if p[0] == strategy]
+    # the job's count, declared once: every pair's chosen images of every class (an upper bound: a probed model
+    # may not predict a class)
+    active().steps(len(pairs) * sum(len(v) for v in chosen.values()), "images explained", exact=False)
     frames, images_out, attributions_out, rois_out = [], [], [], []
     offset = 0
-    for train, test in (p for p in explain_pairs(audit) if p[0] == strategy):
+    for train, test in pairs:
         background = None
         if e.method != "partition":
             rng = np.random.default_rng(derive_seed(c.seed, "explain-background", fold))

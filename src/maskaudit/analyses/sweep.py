@@ -21,6 +21,7 @@ from maskaudit.loader import batches
 from maskaudit.masking import scale_spread
 from maskaudit.metrics import MAIN
 from maskaudit.predict import probabilities
+from maskaudit.progress import active
 from maskaudit.stats import class_auc
 
 KEYS = ["train_strategy", "test_strategy", "spread", "spread_px", "class"]
@@ -42,6 +43,9 @@ def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray,
     unique_px = sorted(set(pixels.values()))
     out: dict[tuple[str, int], list[np.ndarray]] = {(t, px): [] for t in sweep.test_strategies for px in unique_px}
     model.eval()
+    shown = active()  # the stage's display counts images × spreads
+    shown.steps(len(indices) * len(unique_px), "images×spreads",
+                note=f"{len(unique_px)} spreads, each under {len(sweep.test_strategies)} maskings")
     with torch.no_grad():
         for batch in batches(store, indices, config, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
@@ -50,6 +54,7 @@ def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray,
                 for test_strategy in sweep.test_strategies:
                     scores = probabilities(model, grown.masked(test_strategy, config, store))
                     out[test_strategy, px].append(scores.cpu().numpy())
+                shown.step(len(batch.index))
     image_ids = store.kept["image_id"].to_numpy()[indices]
     frames = []
     for test_strategy in sweep.test_strategies:

@@ -379,19 +379,17 @@ def _run(
             len(candidates) - len(todo),
             len(candidates),
         )
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from maskaudit.progress import stage
 
-    bar = Progress(
-        TextColumn("preparing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not progress,
-    )  # fmt: skip
-    with bar:
-        task = bar.add_task("prepare", total=len(candidates), completed=len(candidates) - len(todo))
+    # the run's one progress display (maskaudit.progress): a bar on a terminal, log lines elsewhere
+    shown = stage("prepare", len(candidates), unit="images", done=len(candidates) - len(todo),
+                  mode=None if progress else "off")
+    with shown as bar:
         try:
             if workers == 1 or len(todo) <= 1:
                 for slot in todo:
                     slots.put(_process(source, candidates[slot], slot, settings))
-                    bar.advance(task)
+                    bar.advance()
                 return
             context = _pool_context()
             with ProcessPoolExecutor(
@@ -413,7 +411,7 @@ def _run(
                         for future in sorted(finished, key=running.__getitem__):
                             del running[future]
                             slots.put(future.result())
-                            bar.advance(task)
+                            bar.advance()
                             submit()
                 except BaseException:
                     for future in running:
