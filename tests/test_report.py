@@ -152,3 +152,90 @@ def test_padchest_size_stays_under_20_mb(tmp_path: Path):
     print(f"PadChest-size estimate: {estimate / 1e6:.1f} MB (panel {one_panel / 1e3:.0f} kB, "
           f"thumbnail {one_thumb / 1e3:.0f} kB)")
     assert estimate < 20e6
+
+
+# ------------------------------------------------------------------------------------------ a run in progress
+
+
+def _sections(html: str) -> dict[str, str]:
+    """Each section's HTML by id."""
+    import re
+
+    return dict(re.findall(r'<section id="([a-z]+)">(.*?)</section>', html, flags=re.S))
+
+
+def test_report_of_a_run_in_progress(tmp_path: Path):
+    """Only config.yaml, then after prepare, then after split: every section is there, rendered or "not yet"."""
+    from test_pipeline import TINY
+
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "analyses": {"run": ["baseline", "verdict"]}}))
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(config, out / "config.yaml")
+    _cli("report", "--out", str(out))  # nothing but the config
+    html = (out / "report.html").read_text()
+    assert list(_sections(html)) == list(SECTIONS)
+    assert f"not prepared yet: `maskaudit prepare --out {out}`" in _sections(html)["data"]
+
+    _cli("prepare", "--out", str(out))
+    _cli("report", "--out", str(out))
+    after_prepare = (out / "report.html").read_text()
+    sections = _sections(after_prepare)
+    assert list(sections) == list(SECTIONS)
+    assert "Rows kept and rejected" in sections["data"] and "not prepared yet" not in sections["data"]
+    assert f"not run yet: `maskaudit split --out {out}`" in sections["data"]
+    run_metrics = (f"not run yet: `maskaudit split --out {out}`, then `maskaudit train --out {out}`, "
+                   f"`maskaudit predict --out {out}`, `maskaudit metrics --out {out}`")
+    for name in ("auc", "splits"):
+        assert run_metrics in sections[name], name
+    assert f"`maskaudit metrics --out {out}`, `maskaudit analyse verdict --out {out}`" in sections["verdict"]
+    assert f"`maskaudit analyse baseline --out {out}`" in sections["baseline"]
+    assert "not in analyses.run" in sections["explain"]  # left out, not pending
+    assert f"`maskaudit train --out {out}`" in sections["training"]
+
+    _cli("split", "--out", str(out))
+    _cli("report", "--out", str(out))  # the report's config is unchanged, yet it follows the run
+    sections = _sections((out / "report.html").read_text())
+    assert "hold-out test" in sections["data"] and "fold 1" in sections["data"]
+    assert f"not run yet: `maskaudit train --out {out}`, then `maskaudit predict --out {out}`" in sections["auc"]
+    assert f"`maskaudit split --out {out}`" not in sections["auc"]
+    assert f"not run yet: `maskaudit train --out {out}` (no job has a training history)" in sections["training"]
+    stamp = (out / "report.html").stat().st_mtime_ns
+    _cli("report", "--out", str(out))
+    assert (out / "report.html").stat().st_mtime_ns == stamp  # nothing changed: not redone
+
+
+@pytest.fixture(scope="module")
+def few_negatives_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished run whose hold-out set has few negatives: the class is common (prevalence 0.7)."""
+    from test_pipeline import TINY
+
+    root = tmp_path_factory.mktemp("few")
+    data = {**TINY["data"], "classes": {"opacity": {"signal": "roi", "prevalence": 0.7}}}
+    path = root / "audit.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "data": data, "analyses": {"run": ["verdict"]}}))
+    _cli("run", str(path), "--out", str(root / "run"))
+    return root / "run"
+
+
+def test_a_small_hold_out_class_is_flagged_beside_the_number_and_in_the_verdict(few_negatives_run: Path):
+    import re
+
+    out = few_negatives_run
+    matrix = pd.read_parquet(out / "metrics" / "auc_matrix.parquet")
+    holdout = matrix[(matrix["split"] == "test") & (matrix["class"] == "opacity")]
+    n_neg = int(holdout["n_neg"].max())
+    assert n_neg < 10, "the forced class should have few hold-out negatives"
+    flag = f"{n_neg} negative{'s' if n_neg != 1 else ''} in the hold-out set (fewer than 10)"
+    verdict = pd.read_csv(out / "analyses" / "verdict" / "verdict.csv").set_index("class")
+    assert flag in verdict.loc["opacity", "reading"]  # written by the verdict stage itself
+    html = (out / "report.html").read_text()
+    sections = _sections(html)
+    # next to the number: the full→full cell of the hold-out matrix is marked, the reason on hover
+    cell = re.search(r'<td title="full→full: AUC [^"]*"[^>]*>[0-9.]+<span class="weak-mark"> ⚠</span></td>',
+                     sections["auc"])
+    assert cell and flag in cell.group(0)
+    assert re.search("<li>⚠ Few images: [^<]*" + re.escape(flag), sections["auc"])  # and listed under the table
+    reading = re.search(r'<th class="l">opacity</th>.*?<td class="r">(.*?)</td>', sections["verdict"], flags=re.S)
+    assert reading and re.search('<span class="weak">⚠ Few images: [^<]*' + re.escape(flag), reading.group(1))

@@ -5,7 +5,9 @@ AUC, its DeLong CI, the counts of positives and negatives, and the reason when t
 ``auc_matrix``: the mean (and standard deviation) over the folds that have an AUC — the
 study's 5x5 matrix per class, rows training strategy, columns test strategy — with the DeLong CI
 of the mean (the folds' models score the same hold-out images: their AUCs are correlated, and
-the CI says so; see :func:`maskaudit.stats.mean_auc_ci`).
+the CI says so; see :func:`maskaudit.stats.mean_auc_ci`), and ``n_pos``/``n_neg``: the distinct
+labelled images the mean rests on (the hold-out set's for ``test``; every fold's validation images
+together for ``val``, whose per-fold counts are in ``auc_by_fold``).
 ``delong_table``: DeLong's paired test of every cell against ``full→full`` of the same fold, on
 the same images.
 """
@@ -55,10 +57,12 @@ def auc_matrix(predictions: pd.DataFrame, by_fold: pd.DataFrame, level: float = 
             "ci_high": est.ci_high,
             "n_folds": est.n_sets,
             "n_folds_missing": est.n_sets_missing,
+            "n_pos": est.n_pos,
+            "n_neg": est.n_neg,
             "reason": est.missing_reason or est.reason,
         })
     return pd.DataFrame(rows, columns=[*KEYS, "auc_mean", "auc_std", "ci_low", "ci_high", "n_folds",
-                                       "n_folds_missing", "reason"])
+                                       "n_folds_missing", "n_pos", "n_neg", "reason"])
 
 
 def _wide(group: pd.DataFrame, where: str) -> tuple[pd.DataFrame, np.ndarray]:

@@ -355,9 +355,13 @@ class Audit:
         self._stage(name, lambda: ANALYSIS_FUNCTIONS[name](self), force)
 
     def report(self, force: bool = False) -> None:
-        from maskaudit.report.html import write_report
+        """Render report.html from whatever the run directory holds; redone whenever another stage or a
+        job's training history has changed since the last one (a run in progress), not only its config."""
+        from maskaudit.report.html import report_inputs, write_report
 
-        self._stage("report", lambda: write_report(self), force)
+        inputs = report_inputs(self)
+        stale = self._records().get("report", {}).get("inputs") != inputs
+        self._stage("report", lambda: {**write_report(self), "inputs": inputs}, force or stale)
 
     def run_all(self) -> Path:
         """Every stage in order (``maskaudit run``; ``maskaudit probe`` for a config of probed models)."""

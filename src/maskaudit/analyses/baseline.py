@@ -100,6 +100,9 @@ def baseline_predictions(kept: pd.DataFrame, labels: np.ndarray, classes: list[s
     -------
     (predictions, fits) : the long prediction table of the baseline (``train_strategy`` =
         ``metadata``) and one row per (class, fold) with counts, features and the reason of a skip.
+        Counts of labelled images: ``n_train`` fitted on, of the fold's ``n_train_all`` (what its image
+        models train on); ``n_test_labelled`` scored, of the hold-out set's ``n_test_all``. ``n_test`` and
+        the ``dropped_*`` columns count images with and without complete metadata, labelled or not.
     """
     complete = ~_missing(kept[columns])
     rows, fits = [], []
@@ -112,8 +115,11 @@ def baseline_predictions(kept: pd.DataFrame, labels: np.ndarray, classes: list[s
         for k, name in enumerate(classes):
             fit = {"class": name, "fold": fold, "features": ", ".join(names),
                    "n_train": int(np.isfinite(labels[train_ok, k]).sum()),
+                   "n_train_all": int(np.isfinite(labels[train_idx, k]).sum()),
                    "dropped_train": int(len(train_idx) - len(train_ok)),
-                   "n_test": int(len(test_ok)), "dropped_test": int(len(test) - len(test_ok)), "reason": ""}
+                   "n_test": int(len(test_ok)), "dropped_test": int(len(test) - len(test_ok)),
+                   "n_test_labelled": int(np.isfinite(labels[test_ok, k]).sum()),
+                   "n_test_all": int(np.isfinite(labels[test, k]).sum()), "reason": ""}
             y = labels[train_ok, k]
             known = np.isfinite(y)
             if np.unique(y[known]).size < 2:

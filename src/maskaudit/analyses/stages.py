@@ -316,6 +316,7 @@ def run_reader(audit) -> dict:
 
 def run_verdict(audit) -> dict:
     """One verdict per class (a probe: per probed model and class), from the hold-out AUC matrix."""
+    from maskaudit.analyses.evidence import run_evidence_flags
     from maskaudit.analyses.verdict import EVIDENCE, VERDICTS, class_verdict, probe_evidence
 
     c = audit.config
@@ -325,6 +326,7 @@ def run_verdict(audit) -> dict:
     models = {m: probe_evidence(m) for m in c.train_strategies} if c.probing else {"": EVIDENCE}
     cells = {cell for evidence in models.values() for candidates in evidence.values() for cell in candidates}
     baseline = _baseline_evidence(audit, predictions, cells)
+    flags = run_evidence_flags(audit.run, c.analyses.verdict.evidence)  # where the evidence is weak
     rows = []
     for model, evidence in models.items():
         attribution = _attribution_evidence(audit, *evidence["full"][0])
@@ -338,7 +340,7 @@ def run_verdict(audit) -> dict:
                                    "the class or its aliases (output.aliases), so nothing is guessed."}
             else:
                 row |= class_verdict(cells, c.analyses.verdict, baseline.get(name), attribution.get(name),
-                                     evidence if c.probing else None)
+                                     evidence if c.probing else None, flags=flags[flags["class"] == name])
             rows.append(row)
     table = pd.DataFrame(rows)
     if not c.probing:

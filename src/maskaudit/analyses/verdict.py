@@ -43,6 +43,9 @@ masking may be the masked images being unlike anything the model was trained on,
 evidence. So ``outside`` and
 ``everywhere`` are as strong as in a full audit, while ``roi`` (outside fails) and ``unclear`` (both
 fail) are weaker: only models trained on masked images, a full audit, can settle them.
+
+Where the evidence behind a verdict is weak, its reading says so (:mod:`maskaudit.analyses.evidence`); the flags never
+change a verdict.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from maskaudit.analyses.evidence import evidence_flags, verdict_notes
 from maskaudit.config import VerdictConfig
 
 #: verdict → (short label for the report, colour)
@@ -125,7 +129,8 @@ def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]], best: bool = F
 
 
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
-                  attribution: dict | None = None, evidence_cells: dict | None = None) -> dict:
+                  attribution: dict | None = None, evidence_cells: dict | None = None,
+                  flags: pd.DataFrame | None = None) -> dict:
     """The verdict of one class.
 
     Parameters
@@ -140,10 +145,14 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     evidence_cells : dict, optional
         Where each piece of evidence is read: :data:`EVIDENCE` (default) or :func:`probe_evidence`;
         with the latter the reading carries :data:`PROBE_CAVEAT`.
+    flags : DataFrame, optional
+        The class's :func:`evidence_flags` (the run's tables, ``rules.evidence``); without them, those
+        ``cells`` alone give: the hold-out counts (``n_pos``/``n_neg`` columns) and the cells under 0.5.
 
     Returns
     -------
-    dict with ``verdict``, ``reading`` (a plain sentence with the numbers) and the evidence columns.
+    dict with ``verdict``, ``reading`` (a plain sentence with the numbers, then :func:`verdict_notes`
+    where the evidence is weak), ``weak_evidence`` (those notes alone) and the evidence columns.
     """
     probe = evidence_cells is not None
     who = "the model" if probe else "the models"
@@ -197,13 +206,17 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     if attribution and full is not None and not math.isnan(attribution.get("ratio", math.nan)):
         reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of {full.name} lies in "
                     f"the ROI, which covers {attribution['roi_area']:.0%} of the image (×{attribution['ratio']:.2f}).")
+    if flags is None:
+        flags = evidence_flags(cells.reset_index(), rules=rules.evidence)
+    notes = verdict_notes(flags, [cell.name for cell in evidence.values() if cell is not None], rules.evidence)
+    reading += "".join(f" {note}" for note in notes)
     reversed_cells = [cell for cell in (inside, outside) if cell is not None and cell.ci_high < 0.5]
     if probe and reversed_cells:
-        reading += (f" {' and '.join(c.text() for c in reversed_cells)} is below chance: masking reverses the "
-                    "model's scores, a sign that these images are outside what it was trained on.")
+        reading += (f" Masking reverses the model's scores ({' and '.join(c.name for c in reversed_cells)}), "
+                    "a sign that these images are outside what it was trained on.")
     if probe and verdict != "undetermined":
         reading += PROBE_CAVEAT
-    row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading}
+    row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading, "weak_evidence": " ".join(notes)}
     for name, cell in evidence.items():
         row[f"{name}_cell"] = cell.name if cell else ""
         row[f"{name}_auc"] = cell.auc if cell else math.nan

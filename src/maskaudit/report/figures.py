@@ -16,17 +16,27 @@ import pandas as pd  # noqa: E402
 
 from maskaudit.rundir import atomic_path  # noqa: E402
 
-#: The study's AUC colour scale: red (chance or worse) to green (perfect).
+#: The AUC colour scale: the study's diverging red–yellow–green over the whole range 0..1, centred on
+#: chance. 0.5 is its neutral pale yellow; above it the study's direction (towards green: signal), below
+#: it towards red: scores reversed. (The study's figures spread the same scale over 0.5..1, which paints
+#: 0.24 and 0.50 the same dark red and a reversed model like one at chance.)
 AUC_CMAP = "RdYlGn"
-AUC_RANGE = (0.5, 1.0)
+AUC_RANGE = (0.0, 1.0)
+#: Ticks of the heatmaps' colour bar.
+AUC_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def auc_rgba(value: float) -> tuple[float, float, float, float]:
+    """The colour of one AUC on the heatmaps' scale (0.5 is the neutral centre), as an RGBA tuple in [0, 1]."""
+    low, high = AUC_RANGE
+    return tuple(plt.get_cmap(AUC_CMAP)(float(np.clip((value - low) / (high - low), 0, 1))))
 
 
 def _text_colour(cmap: matplotlib.colors.Colormap, value: float) -> str:
     """Black on light cells, white on dark ones (relative luminance of the cell's colour)."""
     if np.isnan(value):
         return "black"
-    low, high = AUC_RANGE
-    r, g, b, _ = cmap(np.clip((value - low) / (high - low), 0, 1))
+    r, g, b, _ = auc_rgba(value)
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
@@ -53,7 +63,7 @@ def auc_heatmap(mean: pd.DataFrame, std: pd.DataFrame | None, title: str,
     ax.set_xlabel("test masking", fontsize=8)
     ax.set_ylabel(rows, fontsize=8)
     ax.set_title(title, fontsize=9)
-    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=AUC_TICKS)
     cbar.ax.tick_params(labelsize=7)
     cbar.set_label("AUC", fontsize=8)
     fig.tight_layout()
@@ -74,7 +84,7 @@ def save_figure(fig: plt.Figure, path: Path, formats: Sequence[str] = ("png",)) 
 
 
 def auc_colour(value: float) -> tuple[str, str]:
-    """The study's colour scale for one AUC as HTML colours.
+    """One AUC's colour on the heatmaps' scale (:data:`AUC_CMAP` over :data:`AUC_RANGE`) as HTML colours.
 
     Parameters
     ----------
@@ -88,10 +98,8 @@ def auc_colour(value: float) -> tuple[str, str]:
     """
     if np.isnan(value):
         return "#d9d9d9", "#000000"
-    cmap = plt.get_cmap(AUC_CMAP)
-    low, high = AUC_RANGE
-    background = matplotlib.colors.to_hex(cmap(np.clip((value - low) / (high - low), 0, 1)))
-    return background, "#000000" if _text_colour(cmap, value) == "black" else "#ffffff"
+    background = matplotlib.colors.to_hex(auc_rgba(value))
+    return background, "#000000" if _text_colour(plt.get_cmap(AUC_CMAP), value) == "black" else "#ffffff"
 
 
 def difference_colour(value: float, limit: float = 0.25) -> tuple[str, str]:

@@ -3,7 +3,15 @@
 The report reads only the run directory: the metric and analysis tables, the figures and the
 training histories. Every image is downscaled before it is inlined (see :data:`WIDTHS`), so a
 PadChest-size run stays well under 20 MB. A stage that did not run, or an analysis left out of
-``analyses.run``, gets a line that says so instead of an empty space.
+``analyses.run``, gets a line that says so instead of an empty space: a run in progress (stopped
+after ``prepare``, after ``split``, mid-training) renders what it has, each missing section marked
+"not run yet" with the commands that make it. Nothing outside the run directory is opened: the
+data tables come from ``prepared/manifest.parquet``, not from the prepared images.
+
+Where the evidence is weak (:func:`maskaudit.analyses.evidence.evidence_flags`: few positives or
+negatives, scores below chance, a fold's model at chance on its validation images, a baseline on
+fewer images), the number carries a ⚠ with the reason on hover, the reasons are listed under its
+table, and the verdict's reading ends with them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from maskaudit import __version__
+from maskaudit.analyses.evidence import FLAG_COLUMNS, run_evidence_flags, verdict_notes
 from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.rundir import read_json, write_text
 
@@ -37,6 +46,9 @@ WIDTHS = {"chart": 900, "heatmap": 560, "panel": 720, "thumbnail": 160}
 
 #: Tables longer than this are folded into a ``<details>`` element.
 FOLD_ROWS = 12
+
+#: What a number whose evidence is weak carries (its reasons on hover and in the list under its table).
+WEAK = "⚠"
 
 #: Packages whose versions the report lists.
 PACKAGES = ("maskaudit", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "shap", "matplotlib")
@@ -145,8 +157,38 @@ class Table:
         return len(self.rows)
 
 
-def _cell(text: object, title: str = "", style: str = "", left: bool = False) -> dict[str, Any]:
-    return {"text": text if isinstance(text, str) else _fmt(text), "title": title, "style": style, "left": left}
+def _cell(text: object, title: str = "", style: str = "", left: bool = False, mark: str = "") -> dict[str, Any]:
+    return {"text": text if isinstance(text, str) else _fmt(text), "title": title, "style": style, "left": left,
+            "mark": mark}
+
+
+def _no_flags() -> pd.DataFrame:
+    return pd.DataFrame(columns=FLAG_COLUMNS)
+
+
+def cell_flags(flags: pd.DataFrame, dataset: str, split: str, class_name: str, train: str, test: str) -> list[str]:
+    """The reasons one cell's number is weak: its own flags, its split's counts, and its models' folds at chance
+    on their validation images (a fold mean of the hold-out or validation set takes every fold's model)."""
+    if flags is None or not len(flags):
+        return []
+    part = flags[(flags["dataset"] == dataset) & (flags["split"] == split) & (flags["class"] == class_name)]
+    own = (part["train_strategy"] == train) & (part["test_strategy"] == test)
+    few = part["kind"] == "few_images"
+    reasons = list(part.loc[few | own, "text"])
+    if dataset == "main" and split in ("test", "val"):
+        models = flags[(flags["kind"] == "val_chance") & (flags["class"] == class_name)
+                       & (flags["train_strategy"] == train)]
+        reasons += list(models["text"])
+    return reasons
+
+
+def _marked(cell: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    """``cell`` with the weak-evidence mark and its reasons appended to the hover text."""
+    if reasons:
+        cell["mark"] = WEAK
+        title = cell["title"].rstrip()
+        cell["title"] = " ".join([f"{title}." if title and title[-1] not in ".)" else title, *reasons]).strip()
+    return cell
 
 
 def frame_table(frame: pd.DataFrame, caption: str, formats: dict[str, Callable[[pd.Series], str]] | None = None,
@@ -180,7 +222,7 @@ def frame_table(frame: pd.DataFrame, caption: str, formats: dict[str, Callable[[
 
 
 def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: AuditConfig, caption: str,
-                     dataset: str = "main") -> Table | None:
+                     dataset: str = "main", flags: pd.DataFrame | None = None) -> Table | None:
     """One class's AUC matrix as a coloured table (the study's layout); CI, std and folds on hover.
 
     Parameters
@@ -193,6 +235,9 @@ def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: 
         Gives the order of training strategies (rows) and test strategies (columns).
     caption : str
         The table's caption.
+    flags : DataFrame, optional
+        :func:`maskaudit.analyses.evidence.evidence_flags`: a weak cell is marked :data:`WEAK`, its reasons
+        on hover.
 
     Returns
     -------
@@ -218,10 +263,13 @@ def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: 
             title = f"{train}→{test}: AUC {fmt_auc(r['auc_mean'], r['ci_low'], r['ci_high'])}"
             if not _missing(r["auc_std"]):
                 title += f", ± {r['auc_std']:.3f} over {int(r['n_folds'])} folds"
+            if not _missing(r.get("n_pos")) and not _missing(r.get("n_neg")):
+                title += f", {int(r['n_pos'])} positives and {int(r['n_neg'])} negatives"
             if r.get("reason"):
                 title += f" ({r['reason']})"
             value = "n/a" if _missing(r["auc_mean"]) else f"{r['auc_mean']:.3f}"
-            row.append(_cell(value, title=title, style=f"background:{background};color:{text}"))
+            cell = _cell(value, title=title, style=f"background:{background};color:{text}")
+            row.append(_marked(cell, cell_flags(flags, dataset, split, class_name, train, test)))
         table.rows.append(row)
     return table
 
@@ -233,30 +281,66 @@ def _read(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-def data_tables(audit: Audit) -> dict[str, pd.DataFrame]:
-    """Counts kept/rejected by reason, and per split: images, patients, positives per class."""
-    store = audit.store()
-    stores = {"main": store}
-    for name, (_, ext_store) in (audit.external_stores().items() if audit.config.external else []):
-        stores[name] = ext_store
-    reasons = pd.concat([  # one line per kind of reason; every row with its own reason is in manifest.parquet
-        s.counts().rename(columns={"count": "rows"}).assign(dataset=name) for name, s in stores.items()
-    ], ignore_index=True)
-    reasons["reason"] = reasons["reason"].replace("", "—")
-    tables = {"counts": reasons}
-    if audit.run.splits.is_file():
-        splits = audit.splits(store)
-        parts = {"hold-out test": splits.test}
-        parts.update({f"fold {k}": idx for k, idx in enumerate(splits.folds)})
-        rows = []
-        kept = store.kept.set_index("index")
-        for name, idx in parts.items():
-            row = {"split": name, "images": len(idx), "patients": kept.loc[idx, "patient_id"].nunique()}
-            for k, cls in enumerate(store.classes):
-                positives = int(np.nansum(store.labels[idx, k]))
-                row[f"{cls} +"] = f"{positives} ({100 * positives / max(len(idx), 1):.0f} %)"
-            rows.append(row)
-        tables["splits"] = pd.DataFrame(rows)
+def _manifest_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows kept and rejected per kind of reason (as :meth:`maskaudit.data.store.Store.counts`)."""
+    from maskaudit.data.store import reason_kind
+
+    kinds = manifest["reason"].fillna("").map(reason_kind)
+    table = (pd.DataFrame({"status": manifest["status"], "reason": kinds})
+             .groupby(["status", "reason"], sort=False).size().reset_index(name="rows"))
+    order = table["status"].map({"kept": 0}).fillna(1)
+    return (table.assign(_order=order).sort_values(["_order", "rows", "reason"], ascending=[True, False, True])
+            .drop(columns="_order").reset_index(drop=True))
+
+
+def data_tables(audit: Audit) -> dict[str, Any]:
+    """Counts kept/rejected by reason, and per split: images, patients, positives per class.
+
+    Read from each prepared folder's ``manifest.parquet`` (every input row with its status and labels)
+    and ``splits.json``; the prepared images are not opened. ``status`` says what is missing.
+    """
+    from maskaudit.data.splits import load_splits
+    from maskaudit.data.store import MANIFEST, MARKER
+    from maskaudit.errors import MaskauditError
+
+    run, config = audit.run, audit.config
+    folders = {"main": run.prepared, **{ext.name: run.external(ext.name) for ext in config.external}}
+    manifests = {name: pd.read_parquet(folder / MANIFEST) for name, folder in folders.items()
+                 if (folder / MANIFEST).is_file()}
+    tables: dict[str, Any] = {"status": "", "split_status": ""}
+    unfinished = [name for name, folder in folders.items() if not (folder / MARKER).is_file()]
+    if "main" not in manifests:
+        tables["status"] = f"not prepared yet: {_commands(audit, ['prepare'])}"
+    elif unfinished:
+        tables["status"] = (f"not prepared yet ({', '.join(unfinished)}: the preparation has not finished): "
+                            f"{_commands(audit, ['prepare'])}")
+    if manifests:
+        reasons = pd.concat([_manifest_counts(m).assign(dataset=name) for name, m in manifests.items()],
+                            ignore_index=True)
+        reasons["reason"] = reasons["reason"].replace("", "—")
+        tables["counts"] = reasons
+    if "main" not in manifests or not run.splits.is_file():
+        tables["split_status"] = f"not run yet: {_commands(audit, _missing_before(audit, 'split') + ['split'])}"
+        return tables
+    manifest = manifests["main"]
+    kept = manifest[manifest["status"] == "kept"].sort_values("index").reset_index(drop=True)
+    try:
+        splits = load_splits(run.splits, kept)
+    except MaskauditError as error:
+        tables["split_status"] = f"not readable: {error}"
+        return tables
+    parts = {"hold-out test": splits.test}
+    parts.update({f"fold {k}": idx for k, idx in enumerate(splits.folds)})
+    by_index = kept.set_index("index")
+    rows = []
+    for name, idx in parts.items():
+        chosen = by_index.loc[idx]
+        row = {"split": name, "images": len(idx), "patients": chosen["patient_id"].nunique()}
+        for cls in (c for c in config.classes if c in chosen.columns):
+            positives = int(np.nansum(pd.to_numeric(chosen[cls], errors="coerce").to_numpy(dtype=float)))
+            row[f"{cls} +"] = f"{positives} ({100 * positives / max(len(idx), 1):.0f} %)"
+        rows.append(row)
+    tables["splits"] = pd.DataFrame(rows)
     return tables
 
 
@@ -269,28 +353,79 @@ def data_checks(audit: Audit) -> list[dict[str, Any]]:
     return [check.to_dict() for check in checks if check is not None]
 
 
+#: The stages a section needs, in order; each is one command (``maskaudit analyse NAME`` for an analysis).
+_CHAIN = ("prepare", "split", "train", "predict", "metrics")
+
+
+def _command(audit: Audit, stage: str) -> str:
+    name = f"analyse {stage}" if stage in ANALYSIS_TITLES else stage
+    return f"`maskaudit {name} --out {audit.run.root}`"
+
+
+def _commands(audit: Audit, stages: list[str]) -> str:
+    """The commands that make ``stages``, in order: ``maskaudit split --out RUN``, then …"""
+    commands = [_command(audit, stage) for stage in stages]
+    return commands[0] + (f", then {', '.join(commands[1:])}" if len(commands) > 1 else "")
+
+
+def _missing_before(audit: Audit, stage: str, stages: dict | None = None) -> list[str]:
+    """The stages before ``stage`` in :data:`_CHAIN` that have not finished (a probe trains nothing)."""
+    stages = _stage_records(audit) if stages is None else stages
+    chain = [s for s in _CHAIN if not (s == "train" and audit.config.probing)]
+    before = chain[:chain.index(stage)] if stage in chain else chain
+    return [s for s in before if s not in stages]
+
+
+def _stage_records(audit: Audit) -> dict:
+    return read_json(audit.run.stages) if audit.run.stages.is_file() else {}
+
+
+def _pending(audit: Audit, stages: dict, stage: str) -> str:
+    """``not run yet: `maskaudit <stage> --out RUN``` after the commands of the stages it still needs."""
+    return f"not run yet: {_commands(audit, [*_missing_before(audit, stage, stages), stage])}"
+
+
 def _status(audit: Audit, stages: dict, name: str) -> str:
     """Why an analysis shows nothing (or a note it left), empty when it ran without one."""
     if name not in audit.config.analyses.run:
         return "not in analyses.run"
     record = stages.get(name)
     if not record:
-        return f"not run: run `maskaudit analyse {name}`"
+        return _pending(audit, stages, name)
     return str(record.get("status", ""))
 
 
-def auc_sections(audit: Audit, matrix: pd.DataFrame | None) -> tuple[list[dict], list[Table]]:
-    """Per class: the heatmap figure and coloured hold-out table; then hold-out vs validation vs external."""
+def _flag_texts(flags: pd.DataFrame, **where: str) -> list[str]:
+    """The texts of the flags whose columns equal ``where`` (e.g. ``dataset="main", split="test"``)."""
+    if flags is None or not len(flags):
+        return []
+    chosen = np.ones(len(flags), dtype=bool)
+    for column, value in where.items():
+        chosen &= (flags[column] == value).to_numpy()
+    return list(flags.loc[chosen, "text"])
+
+
+def auc_sections(audit: Audit, matrix: pd.DataFrame | None, flags: pd.DataFrame | None = None,
+                 stages: dict | None = None) -> tuple[list[dict], list[Table], list[str]]:
+    """Per class: the heatmap figure, the coloured hold-out table and its weak evidence; then hold-out vs
+    validation vs external, and the weak evidence of the validation and external cells."""
     run, config = audit.run, audit.config
+    flags = _no_flags() if flags is None else flags
+    pending = _pending(audit, _stage_records(audit) if stages is None else stages, "metrics")
     classes = []
     for name in config.classes:
-        entry = {"name": name, "heatmap": inline_image(run.figures / f"auc_{name}.png", "heatmap"), "table": None}
+        entry = {"name": name, "heatmap": inline_image(run.figures / f"auc_{name}.png", "heatmap"), "table": None,
+                 "pending": pending, "weak": _flag_texts(flags, dataset="main", split="test", **{"class": name})
+                 + _flag_texts(flags, dataset="main", split="val", **{"class": name})}
+        baseline = set(_flag_texts(flags, train_strategy="metadata"))  # in the baseline's section
+        entry["weak"] = [t for t in entry["weak"] if not t.startswith("Validation: ") and t not in baseline]
         if matrix is not None:
             entry["table"] = auc_matrix_table(matrix, name, "test", config, f"{name}: hold-out AUC, mean of folds "
-                                                                              "(hover a cell for its 95 % CI)")
+                                                                              "(hover a cell for its 95 % CI)",
+                                              flags=flags)
         classes.append(entry)
     if matrix is None:
-        return classes, []
+        return classes, [], []
     splits = [("main", "test", "hold-out"), ("main", "val", "validation")]
     splits += [(ext.name, "external", f"external: {ext.name}") for ext in config.external]
     keyed = matrix.set_index(["dataset", "split", "class", "train_strategy", "test_strategy"]).sort_index()
@@ -307,7 +442,8 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None) -> tuple[list[dict],
                     key = (dataset, split, name, train, test)
                     if key in keyed.index:
                         r = keyed.loc[key]
-                        row.append(_cell(fmt_auc(r["auc_mean"], r["ci_low"], r["ci_high"]) or "n/a"))
+                        cell = _cell(fmt_auc(r["auc_mean"], r["ci_low"], r["ci_high"]) or "n/a")
+                        row.append(_marked(cell, cell_flags(flags, dataset, split, name, train, test)))
                     else:
                         row.append(_cell(""))
                 if any(c["text"] for c in row[1:]):
@@ -316,22 +452,35 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None) -> tuple[list[dict],
                         diagonal.rows.append(row)
         table.folded = True
         comparison.append({"diagonal": diagonal, "all": table})
-    return classes, comparison
+    others = flags[(flags["dataset"] != "main") | ((flags["split"] == "val") & flags["kind"].isin(
+        ["reversed", "below_chance"]))] if len(flags) else flags
+    weak = [f"{r['class']}: {r['text']}" for _, r in others.iterrows()]
+    return classes, comparison, weak
 
 
-def baseline_section(audit: Audit) -> dict:
-    """The metadata baseline's AUCs, its DeLong tests, and every model's fold-mean DeLong test vs full→full."""
+def baseline_section(audit: Audit, flags: pd.DataFrame | None = None) -> dict:
+    """The metadata baseline's AUCs (weak evidence marked), its DeLong tests, and every model's fold-mean
+    DeLong test vs full→full."""
     run, config = audit.run, audit.config
+    flags = _no_flags() if flags is None else flags
     tables = []
     auc = _read(run.analysis("baseline") / "baseline_auc.parquet")
     if auc is not None and len(auc):
         means = auc[auc["fold"] == "mean"]
-        tables.append(frame_table(means, "metadata baseline: hold-out AUC [95 % CI], fold mean", {
+
+        def weak(r: pd.Series) -> list[str]:
+            return _flag_texts(flags, train_strategy="metadata", **{"class": r["class"]})
+
+        table = frame_table(means, "metadata baseline: hold-out AUC [95 % CI], fold mean", {
             "class": lambda r: str(r["class"]),
             "AUC [95 % CI]": lambda r: fmt_auc(r["auc"], r["ci_low"], r["ci_high"]) or "n/a",
             "positives": lambda r: _fmt(r["n_pos"]), "negatives": lambda r: _fmt(r["n_neg"]),
-            "note": lambda r: _fmt(r["reason"]),
-        }))
+            "note": lambda r: " ".join(t for t in [_fmt(r["reason"]), *weak(r)] if t),
+        })
+        for row, (_, r) in zip(table.rows, means.iterrows(), strict=True):
+            if len(row) > 1 and table.header[1] == "AUC [95 % CI]":
+                _marked(row[1], weak(r))
+        tables.append(table)
     tests = _read(run.analysis("baseline") / "baseline_tests.parquet")
     if tests is not None and len(tests):
         means = tests[tests["fold"] == "mean"]
@@ -545,7 +694,7 @@ def training_section(audit: Audit) -> dict:
     table = frame_table(pd.DataFrame(rows), "each job's training: epochs run and the epoch kept (lowest "
                                             "validation loss)", columns=["job", "epochs", "best epoch",
                                                                          "best val loss", "note"])
-    return {"figure": uri, "table": table}
+    return {"figure": uri, "table": table, "pending": _pending(audit, _stage_records(audit), "train")}
 
 
 def software_versions() -> list[tuple[str, str]]:
@@ -564,7 +713,7 @@ def stage_rows(stages: dict, config: AuditConfig) -> list[dict]:
     """One row per stage: when it finished, its seconds and notes, or why it did not run."""
     from maskaudit.pipeline import STAGES
 
-    skip = {"fingerprint", "finished", "seconds"}
+    skip = {"fingerprint", "finished", "seconds", "inputs"}
     rows = []
     for name in STAGES:
         record = stages.get(name)
@@ -597,13 +746,52 @@ def _environment() -> Environment:
     return env
 
 
+def verdict_rows(verdicts: pd.DataFrame | None, flags: pd.DataFrame | None,
+                 config: AuditConfig) -> list[dict[str, Any]]:
+    """The verdict table's rows: the reading, then its weak-evidence notes (those the verdict stage did not
+    write into the reading are added from ``flags``, so the notes follow the run's current tables)."""
+    if verdicts is None:
+        return []
+    flags = _no_flags() if flags is None else flags
+    colours = {}
+    for key, (_, colour) in VERDICTS.items():
+        r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+        colours[key] = (colour, "#000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff")
+    rows = []
+    for _, v in verdicts.iterrows():
+        reading, notes = str(v["reading"]), []
+        if v["verdict"] not in ("not_predicted", "undetermined"):
+            cells = [str(v[f"{n}_cell"]) for n in ("full", "inside", "outside", "shape")
+                     if isinstance(v.get(f"{n}_cell"), str) and v.get(f"{n}_cell")]
+            notes = verdict_notes(flags[flags["class"] == v["class"]], cells, config.analyses.verdict.evidence)
+            for note in notes:  # shown apart from the reading, in the order of verdict_notes
+                reading = reading.replace(f" {note}", "")
+        rows.append({"model": v.get("model", ""), "class": v["class"], "label": v["label"], "reading": reading,
+                     "notes": notes, "colour": colours.get(v["verdict"], ("#ffffff", "#000"))})
+    return rows
+
+
+def report_inputs(audit: Audit) -> str:
+    """What the report shows, in short: every other stage's record and each job's training history.
+
+    The report stage is redone when it changes, so that the report of a run in progress follows the run.
+    """
+    import hashlib
+    import json
+
+    records = {k: v for k, v in _stage_records(audit).items() if k != "report"}
+    histories = sorted((str(p.relative_to(audit.run.root)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in audit.run.root.glob("jobs/*/fold_*/history.csv"))
+    return hashlib.sha256(json.dumps([records, histories], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_report(audit: Audit) -> dict:
     """Render ``report.html`` from the run directory (see the module's docstring).
 
     Parameters
     ----------
     audit : Audit
-        The run; only its files are read.
+        The run; only its files are read. Any stage may be missing: its sections say so.
 
     Returns
     -------
@@ -612,24 +800,25 @@ def write_report(audit: Audit) -> dict:
     """
     run, config = audit.run, audit.config
     matrix = _read(run.metrics / "auc_matrix.parquet")
-    stages = read_json(run.stages) if run.stages.is_file() else {}
-    classes, comparison = auc_sections(audit, matrix)
+    stages = _stage_records(audit)
+    flags = run_evidence_flags(run, config.analyses.verdict.evidence)
+    classes, comparison, weak_others = auc_sections(audit, matrix, flags, stages)
     verdicts = _read(run.analysis("verdict") / "verdict.parquet")
-    verdict_colours = {}
-    for key, (_, colour) in VERDICTS.items():
-        r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
-        verdict_colours[key] = (colour, "#000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff")
     analyses = {
-        "baseline": baseline_section(audit), "explain": explain_section(audit), "embed": embed_section(audit),
+        "baseline": baseline_section(audit, flags), "explain": explain_section(audit), "embed": embed_section(audit),
         "sweep": sweep_section(audit), "reader": reader_section(audit),
     }
     for name, section in analyses.items():
         section["status"] = _status(audit, stages, name)
         section["title"] = ANALYSIS_TITLES[name]
+    verdict_status = _status(audit, stages, "verdict")
+    if verdicts is None and not verdict_status.startswith("not "):  # recorded, but its table is gone
+        verdict_status = f"not run yet: {_commands(audit, ['verdict'])}"
     html = _environment().get_template("report.html").render(
-        verdicts=verdicts,
-        verdict_status=_status(audit, stages, "verdict"),
-        verdict_colours=verdict_colours,
+        verdicts=verdict_rows(verdicts, flags, config),
+        has_verdicts=verdicts is not None,
+        probe_models=verdicts is not None and "model" in verdicts.columns,
+        verdict_status=verdict_status,
         analyses=analyses,
         title=config.report.title,
         run=run.root.resolve(),
@@ -638,7 +827,10 @@ def write_report(audit: Audit) -> dict:
         python=platform.python_version(),
         classes=classes,
         comparison=comparison,
-        metrics_status="" if matrix is not None else "not run: run `maskaudit metrics`",
+        weak_others=weak_others,
+        weak_mark=WEAK,
+        n_weak=len(flags),
+        metrics_status="" if matrix is not None else _pending(audit, stages, "metrics"),
         training=training_section(audit),
         probing=config.probing,
         probe_images="every image" if config.predict.images == "all" else "the hold-out images",
@@ -646,7 +838,7 @@ def write_report(audit: Audit) -> dict:
         data_checks=data_checks(audit),
         stages=stage_rows(stages, config),
         versions=software_versions(),
-        config_yaml=run.config.read_text(),
+        config_yaml=run.config.read_text() if run.config.is_file() else "",
     )
     write_text(run.report, html)
     return {"bytes": len(html.encode())}
