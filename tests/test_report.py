@@ -239,3 +239,25 @@ def test_a_small_hold_out_class_is_flagged_beside_the_number_and_in_the_verdict(
     assert re.search("<li>⚠ Few images: [^<]*" + re.escape(flag), sections["auc"])  # and listed under the table
     reading = re.search(r'<th class="l">opacity</th>.*?<td class="r">(.*?)</td>', sections["verdict"], flags=re.S)
     assert reading and re.search('<span class="weak">⚠ Few images: [^<]*' + re.escape(flag), reading.group(1))
+
+
+def test_report_of_a_run_whose_data_has_moved(cxr_dir: Path, tmp_path: Path):
+    """The report reads the run directory alone: it renders after the labels CSV (and images) are gone."""
+    data = tmp_path / "data"
+    table = pd.read_csv(cxr_dir / "labels.csv").head(24)
+    for column in ("image", "mask"):
+        for name in table[column]:
+            (data / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(cxr_dir / name, data / name)
+    table.to_csv(data / "labels.csv", index=False)
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "folder", "labels_csv": str(data / "labels.csv"),
+                                               "patient_column": "patient_id", "classes": ["covid"]},
+                                      "image_size": 32, "workers": 1}))
+    out = tmp_path / "run"
+    _cli("prepare", "--out", str(out), "--config", str(config))
+    shutil.rmtree(data)  # the data moved away
+    _cli("report", "--out", str(out))
+    assert "Rows kept and rejected" in (out / "report.html").read_text()
+    result = CliRunner().invoke(app, ["split", "--out", str(out)])  # a stage that needs the data still says so
+    assert result.exit_code == 1 and "data.labels_csv: labels CSV not found" in result.output

@@ -82,10 +82,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _audit(out: Path, config: Path | None) -> Audit:
+def _audit(out: Path, config: Path | None, check_files: bool = True) -> Audit:
     from maskaudit.pipeline import Audit
 
-    audit = Audit.open(out, config)
+    audit = Audit.open(out, config, check_files)
     _setup_logging(audit.run.log)
     return audit
 
@@ -259,7 +259,7 @@ def report(
         _setup_logging(None)
         typer.echo(f"comparison: {compare_runs(compare[0], compare[1], out)}")
         return
-    audit = _audit(out, config)
+    audit = _audit(out, config, check_files=False)  # the report reads the run directory alone
     audit.report(force)
     typer.echo(f"report: {audit.run.report}")
 

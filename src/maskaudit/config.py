@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from maskaudit.errors import MaskauditError
 
@@ -124,8 +124,8 @@ class FolderData(Strict):
 
     @field_validator("labels_csv")
     @classmethod
-    def _csv_exists(cls, path: Path) -> Path:
-        if not path.is_file():
+    def _csv_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        if _checking_files(info) and not path.is_file():
             raise ValueError(f"labels CSV not found: {path}")
         return path
 
@@ -139,10 +139,17 @@ class FolderData(Strict):
         return self.labels_csv.resolve().parent
 
 
-def _existing(path: Path | None, what: str, kind: Literal["file", "dir"] = "file") -> Path | None:
+def _checking_files(info: ValidationInfo | None) -> bool:
+    """Whether the config's files must exist: yes, unless validated with ``check_files=False`` (see
+    :func:`config_from_dict`: a report or status of a run whose data has moved reads the run directory alone)."""
+    return not (info is not None and info.context and info.context.get("check_files") is False)
+
+
+def _existing(path: Path | None, what: str, kind: Literal["file", "dir"] = "file",
+              info: ValidationInfo | None = None) -> Path | None:
     """``path`` when it exists as a file (or folder); else a clear error naming the key."""
-    if path is None:
-        return None
+    if path is None or not _checking_files(info):
+        return path
     if kind == "dir" and not path.is_dir():
         raise ValueError(f"{what} folder not found: {path}")
     if kind == "file" and not path.is_file():
@@ -175,13 +182,13 @@ class PadChestData(Strict):
 
     @field_validator("root")
     @classmethod
-    def _root_exists(cls, path: Path) -> Path:
-        return _existing(path, "data.root (PadChest images)", "dir")
+    def _root_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        return _existing(path, "data.root (PadChest images)", "dir", info)
 
     @field_validator("labels_csv", "chexmask_csv", "invalid_csv")
     @classmethod
-    def _files_exist(cls, path: Path | None, info: Any) -> Path | None:
-        return _existing(path, f"data.{info.field_name}")
+    def _files_exist(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing(path, f"data.{info.field_name}", info=info)
 
     @property
     def class_names(self) -> list[str]:
@@ -200,13 +207,13 @@ class ChestXray14Data(Strict):
 
     @field_validator("root")
     @classmethod
-    def _root_exists(cls, path: Path) -> Path:
-        return _existing(path, "data.root (ChestX-ray14 images)", "dir")
+    def _root_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        return _existing(path, "data.root (ChestX-ray14 images)", "dir", info)
 
     @field_validator("labels_csv", "chexmask_csv")
     @classmethod
-    def _files_exist(cls, path: Path, info: Any) -> Path:
-        return _existing(path, f"data.{info.field_name}")
+    def _files_exist(cls, path: Path, info: ValidationInfo) -> Path:
+        return _existing(path, f"data.{info.field_name}", info=info)
 
     @property
     def class_names(self) -> list[str]:
@@ -224,8 +231,8 @@ class ChaksuData(Strict):
 
     @field_validator("root")
     @classmethod
-    def _root_exists(cls, path: Path) -> Path:
-        return _existing(path, "data.root (Chákṣu)", "dir")
+    def _root_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        return _existing(path, "data.root (Chákṣu)", "dir", info)
 
     @property
     def class_names(self) -> list[str]:
@@ -359,14 +366,14 @@ class ProbedModelConfig(Strict):
         return {**raw, "input": {**defaults, **given}}
 
     @model_validator(mode="after")
-    def _source_fields(self) -> ProbedModelConfig:
+    def _source_fields(self, info: ValidationInfo) -> ProbedModelConfig:
         if self.name in STRATEGIES:
             raise ValueError(f"model name {self.name!r} is a strategy's name; choose another")
         needed = {"python": ["entry_point"], "torchscript": ["file"], "onnx": ["file"], "torchxrayvision": ["weights"]}
         for key in needed[self.source]:
             if getattr(self, key) is None:
                 raise ValueError(f"model {self.name!r}: source {self.source} needs `{key}`")
-        if self.file is not None and not self.file.is_file():
+        if self.file is not None and _checking_files(info) and not self.file.is_file():
             raise ValueError(f"model {self.name!r}: file not found: {self.file}")
         if self.source in ("torchscript", "onnx", "python") and self.output.names is None:
             raise ValueError(f"model {self.name!r}: output.names (the model's outputs in order) is required "
@@ -728,19 +735,25 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "config", base: Path | None = None) -> AuditConfig:
-    """Validate a config mapping; relative data paths are taken from ``base``."""
+def config_from_dict(raw: dict[str, Any], origin: str = "config", base: Path | None = None,
+                     check_files: bool = True) -> AuditConfig:
+    """Validate a config mapping; relative data paths are taken from ``base``.
+
+    ``check_files=False`` skips the checks that the data and model files exist (what reads only a run
+    directory: the report, on a run whose data has moved).
+    """
     if not isinstance(raw, dict):
         raise MaskauditError(f"{origin}: expected a mapping of keys at the top level")
     raw = _resolve_paths(json.loads(json.dumps(raw)), base or Path.cwd())
     try:
-        return AuditConfig.model_validate(raw)
+        return AuditConfig.model_validate(raw, context={"check_files": check_files})
     except ValidationError as exc:
         raise MaskauditError(_error_line(exc, origin, raw)) from None
 
 
-def load_config(path: Path) -> AuditConfig:
-    """Read and validate a YAML config; relative paths in it are relative to the file."""
+def load_config(path: Path, check_files: bool = True) -> AuditConfig:
+    """Read and validate a YAML config; relative paths in it are relative to the file (``check_files``: see
+    :func:`config_from_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise MaskauditError(f"config file not found: {path}")
@@ -748,7 +761,7 @@ def load_config(path: Path) -> AuditConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise MaskauditError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_dict(raw or {}, origin=str(path), base=path.resolve().parent)
+    return config_from_dict(raw or {}, origin=str(path), base=path.resolve().parent, check_files=check_files)
 
 
 def dump_config(config: AuditConfig) -> str:

@@ -81,14 +81,17 @@ class Audit:
         return cls(run, config)
 
     @classmethod
-    def open(cls, out: Path, config_path: Path | None = None) -> Audit:
-        """A stage command: the given config, or the one the run directory already holds."""
+    def open(cls, out: Path, config_path: Path | None = None, check_files: bool = True) -> Audit:
+        """A stage command: the given config, or the one the run directory already holds.
+
+        ``check_files=False``: the config's data and model files need not exist (the report reads the run
+        directory alone, so it renders a run whose data has moved)."""
         if config_path is not None:
-            return cls.create(out, load_config(config_path))
+            return cls.create(out, load_config(config_path, check_files))
         run = RunDir(out)
         if not run.config.is_file():
             raise MaskauditError(f"{run.root} holds no config.yaml; pass a config file or use `maskaudit run`")
-        return cls(run, load_config(run.config))
+        return cls(run, load_config(run.config, check_files))
 
     # ------------------------------------------------------------------ fingerprints
 
