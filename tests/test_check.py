@@ -295,3 +295,55 @@ def test_prepare_keeps_the_same_check_and_the_report_shows_it(cxr_copy: Path, tm
     for warning in kept.warnings:
         assert f"warning: {warning}" in html
     assert "<b>plain</b> (external)" in html
+
+
+# ------------------------------------------------------------------------------ a class with no positives
+
+
+def test_a_hold_out_set_without_positives_warns_at_split_and_its_verdict_says_why(fundus_copy: Path, caplog):
+    import logging
+    import math
+    import types
+
+    import numpy as np
+
+    from maskaudit.analyses.verdict import class_verdict
+    from maskaudit.config import VerdictConfig
+    from maskaudit.data.splits import Splits
+    from maskaudit.pipeline import split_warnings
+
+    labels = pd.read_csv(fundus_copy / "labels.csv")
+    labels.loc[labels["split"] == "test", "glaucoma"] = 0  # every hold-out image negative
+    labels.to_csv(fundus_copy / "labels.csv", index=False)
+    config = config_from_dict(_config(FUNDUS_DATA, fundus_copy / "labels.csv", image_size=16, workers=1,
+                                      strategies=["full"], folds=2, analyses={"run": []}))
+    audit = Audit.create(fundus_copy.parent / "run", config)
+    audit.prepare()
+    with caplog.at_level(logging.WARNING, logger="maskaudit.pipeline"):
+        audit.split()
+    expected = "class glaucoma: no positive image in the hold-out set (51 images): no hold-out AUC, so no verdict"
+    # prepare's check already says it as an error of the official split; split says what it means for the run
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("split:")] == [f"split: {expected}"]
+    record = json.loads(audit.run.stages.read_text())["split"]
+    assert record["warnings"] == [expected]  # the report's table of stages shows it
+
+    # a fold's training images without a positive (or a negative): the fold's models never see one
+    store = types.SimpleNamespace(classes=["x", "y"], labels=np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 1]],
+                                                                      dtype=np.float32))
+    splits = Splits(test=np.array([0, 1]), folds=[np.array([2]), np.array([3, 4])], method="")
+    assert split_warnings(store, splits) == [
+        "class x: no positive image in the training images of fold 1 (1 image): that fold's models never see one",
+        "class y: no negative image in the training images of fold 0 (2 images): that fold's models never see one",
+        "class y: no positive image in the training images of fold 1 (1 image): that fold's models never see one",
+    ]
+
+    # the verdict: what is missing, not "the run lacks the full model"
+    cells = pd.DataFrame([{"train_strategy": t, "test_strategy": t, "class": "glaucoma", "auc_mean": math.nan,
+                           "ci_low": math.nan, "ci_high": math.nan, "n_pos": 0, "n_neg": 51,
+                           "reason": "no positive image"} for t in ("full", "no_roi")]
+                         ).set_index(["train_strategy", "test_strategy"])
+    row = class_verdict(cells, VerdictConfig())
+    assert (row["verdict"], row["label"]) == ("undetermined", "undetermined: no positive image in the hold-out set")
+    assert row["reading"].startswith("No positive image of glaucoma in the hold-out set: no AUC, no verdict.")
+    missing = class_verdict(cells.drop(index=[("full", "full")]), VerdictConfig())
+    assert missing["label"] == "undetermined: the run lacks the full model"  # the run has no full model at all

@@ -44,7 +44,7 @@ def _path(link: str) -> str:
 
 
 def _login(run: Path, link: str) -> TestClient:
-    client = TestClient(create_app(run), base_url="http://testserver")
+    client = TestClient(create_app(run, origins=["http://testserver"]), base_url="http://testserver")
     response = client.get(_path(link))
     assert response.status_code == 200, response.text
     return client

@@ -321,7 +321,10 @@ def test_a_source_without_masks_and_one_without_usable_images(folder: Path, tmp_
         source="folder", labels_csv=folder, id_column="image_id", mask_column=None, classes=["covid"]
     )
     store = prepare_store(FolderSource(no_masks), tmp_path / "plain", SIZE, workers=1, progress=False)
-    assert store.rois == [] and store.n == 8  # without masks, the two mask failures are kept
+    # without masks, the two mask failures would be kept, but they share one image file: the second is rejected
+    assert store.rois == [] and store.n == 7
+    assert store.manifest.set_index("image_id").loc["empty", "reason"] == \
+        "duplicate image file: same image file as 'mismatch' (row 10, patient 'mismatch')"
     with pytest.raises(MaskauditError, match=r"available: \(none\)"):
         store.distance("roi")
     frame = pd.read_csv(folder)

@@ -3,6 +3,10 @@
 A thin layer over :class:`maskaudit.pipeline.Audit`: it parses arguments, sets up logging
 into the run directory, and turns a :class:`MaskauditError` into one line and exit code 1.
 
+Every command that writes into a run directory holds its lock (:mod:`maskaudit.lock`) while it
+runs, so a second writer on the same directory stops at once with one line naming the first;
+``status``, ``check`` and ``report --compare`` only read and never take it.
+
 It answers ``--help`` at once: at import it loads only typer, rich and stdlib (and
 :mod:`maskaudit.errors`); the pipeline (torch, pandas, matplotlib, ...) and even the config
 (pydantic) are imported inside the commands that need them (``tests/test_cli_fast.py``).
@@ -10,10 +14,11 @@ It answers ``--help`` at once: at import it loads only typer, rich and stdlib (a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,7 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from maskaudit.config import ANALYSES  # light (pydantic, yaml): the analyses' names for the help
-from maskaudit.errors import MaskauditError
+from maskaudit.errors import MaskauditError, disk_error
+from maskaudit.lock import command_line, run_lock  # light (stdlib)
 from maskaudit.reader.cli import reader_app
 
 if TYPE_CHECKING:
@@ -57,8 +63,11 @@ def _setup_logging(log_file: Path | None) -> None:
     console.setLevel(logging.INFO)
     root.addHandler(console)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+        except OSError as exc:  # a read-only run directory: one line, not a traceback
+            raise disk_error(exc, log_file) or exc from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     for noisy in ("matplotlib", "PIL"):
@@ -73,7 +82,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MaskauditError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)  # one line, always
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: run the same command again to continue where it stopped", err=True)
@@ -82,12 +91,30 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _audit(out: Path, config: Path | None, check_files: bool = True) -> Audit:
+def _command() -> str:
+    """This command as typed, which a second writer is shown: ``maskaudit train --out runs/x``."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return command_line(context.command_path if context is not None else "maskaudit")
+
+
+def writer_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The run directory's writer lock, held by this command (:func:`maskaudit.lock.run_lock`)."""
+    return run_lock(out, _command())
+
+
+@contextlib.contextmanager
+def _audit(out: Path, config: Path | None, check_files: bool = True) -> Iterator[Audit]:
+    """A stage command's audit, opened and used under the run directory's writer lock."""
     from maskaudit.pipeline import Audit
 
-    audit = Audit.open(out, config, check_files)
-    _setup_logging(audit.run.log)
-    return audit
+    if config is None and not (out / "config.yaml").is_file():
+        Audit.open(out, None, check_files)  # says the run directory holds no config; creates nothing
+    with writer_lock(out):
+        audit = Audit.open(out, config, check_files)
+        _setup_logging(audit.run.log)
+        yield audit
 
 
 @app.command()
@@ -100,9 +127,10 @@ def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -
     settings = load_config(config)
     if settings.probing:
         raise MaskauditError(f"{config} names models to probe (`model.source` / `models`): use `maskaudit probe`")
-    audit = Audit.create(out, settings)
-    _setup_logging(audit.run.log)
-    report = audit.run_all()
+    with writer_lock(out):
+        audit = Audit.create(out, settings)
+        _setup_logging(audit.run.log)
+        report = audit.run_all()
     typer.echo(f"report: {report}")
 
 
@@ -118,9 +146,10 @@ def probe(config: Annotated[Path, typer.Argument(help="config YAML with `model: 
     if not settings.probing:
         raise MaskauditError(f"{config} names no model to probe: add `model: {{source: python|torchscript|onnx|"
                              "torchxrayvision, ...}}` (README, \"Audit your own model\"), or use `maskaudit run`")
-    audit = Audit.create(out, settings)
-    _setup_logging(audit.run.log)
-    report = audit.run_all()
+    with writer_lock(out):
+        audit = Audit.create(out, settings)
+        _setup_logging(audit.run.log)
+        report = audit.run_all()
     typer.echo(f"report: {report}")
 
 
@@ -145,9 +174,11 @@ def demo(
     from maskaudit.config import config_from_dict
     from maskaudit.pipeline import Audit
 
-    audit = Audit.create(out, config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml"))
-    _setup_logging(audit.run.log)
-    report = audit.run_all()
+    settings = config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml")
+    with writer_lock(out):
+        audit = Audit.create(out, settings)
+        _setup_logging(audit.run.log)
+        report = audit.run_all()
     typer.echo(f"report: {report}")
 
 
@@ -182,14 +213,16 @@ def check(
 @user_errors
 def prepare(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """Decode, resize with padding and store every image, mask and distance map once."""
-    _audit(out, config).prepare(force)
+    with _audit(out, config) as audit:
+        audit.prepare(force)
 
 
 @app.command()
 @user_errors
 def split(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """Patient-grouped hold-out test set and cross-validation folds (splits.json)."""
-    _audit(out, config).split(force)
+    with _audit(out, config) as audit:
+        audit.split(force)
 
 
 @app.command()
@@ -202,28 +235,30 @@ def train(
     force: Force = False,
 ) -> None:
     """Train the grid of jobs (training strategy x fold), or a part of it."""
-    audit = _audit(out, config)
-    only = None
-    if strategy or fold:
-        unknown = [s for s in strategy or [] if s not in audit.config.strategies]
-        if unknown:
-            raise MaskauditError(f"--strategy {unknown[0]} is not in the config's strategies")
-        only = [(s, k) for s, k in audit.jobs if (not strategy or s in strategy) and (not fold or k in fold)]
-    audit.train(only=only, force=force)
+    with _audit(out, config) as audit:
+        only = None
+        if strategy or fold:
+            unknown = [s for s in strategy or [] if s not in audit.config.strategies]
+            if unknown:
+                raise MaskauditError(f"--strategy {unknown[0]} is not in the config's strategies")
+            only = [(s, k) for s, k in audit.jobs if (not strategy or s in strategy) and (not fold or k in fold)]
+        audit.train(only=only, force=force)
 
 
 @app.command()
 @user_errors
 def predict(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """Every model on the hold-out set under every test strategy → predictions.parquet."""
-    _audit(out, config).predict(force)
+    with _audit(out, config) as audit:
+        audit.predict(force)
 
 
 @app.command()
 @user_errors
 def metrics(out: Out, config: OptionalConfig = None, force: Force = False) -> None:
     """AUC per fold and fold-mean matrices per class, with heatmaps."""
-    _audit(out, config).metrics(force)
+    with _audit(out, config) as audit:
+        audit.metrics(force)
 
 
 @app.command()
@@ -236,9 +271,9 @@ def analyse(
     force: Force = False,
 ) -> None:
     """The analyses (metadata baseline, SHAP, embeddings, dilation sweep, reader selection, verdict)."""
-    audit = _audit(out, config)
-    for each in name or [a for a in ANALYSES if a in audit.config.analyses.run]:
-        audit.analyse(each, force)
+    with _audit(out, config) as audit:
+        for each in name or [a for a in ANALYSES if a in audit.config.analyses.run]:
+            audit.analyse(each, force)
 
 
 @app.command()
@@ -259,15 +294,15 @@ def report(
         _setup_logging(None)
         typer.echo(f"comparison: {compare_runs(compare[0], compare[1], out)}")
         return
-    audit = _audit(out, config, check_files=False)  # the report reads the run directory alone
-    audit.report(force)
+    with _audit(out, config, check_files=False) as audit:  # the report reads the run directory alone
+        audit.report(force)
     typer.echo(f"report: {audit.run.report}")
 
 
 @app.command()
 @user_errors
 def status(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
-    """Where a run stands: the stages and jobs done, and what is left to do."""
+    """Where a run stands: the stages and jobs done, and what is left to do (reads only: never waits for a lock)."""
     from maskaudit.runstatus import show_status
 
     show_status(run_dir)

@@ -501,6 +501,26 @@ class ExternalDataset(Strict):
     roi: str | None = Field(None, description="the ROI to mask; default the run's roi, else its first ROI")
 
 
+class DataChecks(Strict):
+    """What ``prepare`` does with inputs that are odd but usable (docs/reliability.md, "What a bad or odd input
+    becomes"): the same image file on two rows, a ROI that covers (almost) all of its image or almost none."""
+
+    duplicate_images: Literal["reject", "warn"] = Field(
+        "reject", description="rows whose image file is byte-identical to an earlier row's: rejected (the later "
+                              "ones, by input order), or kept with a warning")
+    min_roi_fraction: float = Field(0.001, ge=0.0, le=1.0, description="warn about kept images whose ROI covers "
+                                                                        "less than this share of the image")
+    max_roi_fraction: float = Field(0.95, ge=0.0, le=1.0, description="warn about kept images whose ROI covers "
+                                                                       "more than this share (no_roi blanks them)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DataChecks:
+        if self.min_roi_fraction >= self.max_roi_fraction:
+            raise ValueError(f"min_roi_fraction ({self.min_roi_fraction:g}) must be below max_roi_fraction "
+                             f"({self.max_roi_fraction:g})")
+        return self
+
+
 class AuditConfig(Strict):
     data: DataConfig
     image_size: int = Field(512, ge=16)
@@ -518,6 +538,7 @@ class AuditConfig(Strict):
     analyses: AnalysesConfig = AnalysesConfig()
     report: ReportConfig = ReportConfig()
     workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
+    data_checks: DataChecks = DataChecks()
     executor: Literal["local", "ray"] = "local"
     external: list[ExternalDataset] = Field(default_factory=list)
     models: list[ProbedModelConfig] = Field(

@@ -2,7 +2,10 @@
 
 A job is a plain function of picklable arguments (the run directory and the job's name),
 which reads everything else from the run directory; so the same function runs locally or
-on any Ray worker that sees the run directory on shared storage.
+on any Ray worker that sees the run directory on shared storage. A job writes only its own
+job folder, under the run directory's writer lock (:mod:`maskaudit.lock`) that the driver
+holds for the whole stage; a job never takes the lock (a Ray worker is another process, which
+the lock would refuse).
 
 Both executors show the stage's progress (:mod:`maskaudit.progress`): job i of N with its
 strategy and fold, elapsed and time left. Locally a job also counts its own steps (epochs,

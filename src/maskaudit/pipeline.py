@@ -27,7 +27,7 @@ from maskaudit.config import ANALYSES, AuditConfig, dump_config, load_config
 from maskaudit.data.sources import make_source
 from maskaudit.data.splits import Splits, load_splits, make_splits, save_splits
 from maskaudit.data.store import Store, prepare_store
-from maskaudit.errors import MaskauditError
+from maskaudit.errors import MaskauditError, disk_error
 from maskaudit.executors import make_executor
 from maskaudit.progress import format_duration
 from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_text
@@ -74,7 +74,10 @@ class Audit:
     def create(cls, out: Path, config: AuditConfig) -> Audit:
         """Start or continue a run in ``out`` with ``config`` (written as ``config.yaml``)."""
         run = RunDir(out)
-        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise disk_error(exc, run.root) or exc from None
         text = dump_config(config)
         if not run.config.is_file() or run.config.read_text() != text:
             write_text(run.config, text)
@@ -117,8 +120,10 @@ class Audit:
                 for ext in self.config.external}
 
     def _store_fingerprint(self, config: AuditConfig) -> str:
+        kept_twice = config.data_checks.duplicate_images  # which rows the store keeps; the default hashes as before
         return _hash("store", config.data.model_dump(mode="json"), config.image_size,
-                     self._union_keys(config.roi), self._source_fingerprint(config))
+                     self._union_keys(config.roi), self._source_fingerprint(config),
+                     *([kept_twice] if kept_twice != "reject" else []))
 
     def fingerprint(self, stage: str) -> str:
         c = self.config
@@ -215,7 +220,8 @@ class Audit:
             unions = [k for k in self._union_keys(config.roi) if all(p in source.rois for p in k.split("+"))]
             external = name != "main"  # scored, never trained on: images without masks are scored under full
             store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers,
-                                  masks="optional" if external else "required")
+                                  masks="optional" if external else "required",
+                                  duplicate_images=config.data_checks.duplicate_images)
             check = check_store(store, config, name, external=external)  # as `maskaudit check` says
             for text in check.warnings:
                 log.warning("prepare: %s", text)
@@ -258,7 +264,10 @@ class Audit:
             splits = make_splits(store.kept, store.classes, self.config.test_fraction, self.config.folds,
                                  self.config.seed)
             save_splits(self.run.splits, splits, store.kept)
-            return {"method": splits.method}
+            warnings = split_warnings(store, splits)
+            for text in warnings:
+                log.warning("split: %s", text)
+            return {"method": splits.method, **({"warnings": warnings} if warnings else {})}
 
         self._stage("split", work, force)
 
@@ -367,18 +376,43 @@ class Audit:
         self._stage("report", lambda: {**write_report(self), "inputs": inputs}, force or stale)
 
     def run_all(self) -> Path:
-        """Every stage in order (``maskaudit run``; ``maskaudit probe`` for a config of probed models)."""
-        self.prepare()
-        self.split()
-        if not self.config.probing:
-            self.train()
-        self.predict()
-        self.metrics()
-        for name in ANALYSES:
-            if name in self.config.analyses.run:
-                self.analyse(name)
-        self.report()
+        """Every stage in order (``maskaudit run``; ``maskaudit probe`` for a config of probed models), under the
+        run directory's writer lock (:mod:`maskaudit.lock`; re-entrant: the CLI holds it already)."""
+        from maskaudit.lock import python_command, run_lock
+
+        with run_lock(self.run.root, python_command("Audit.run_all")):
+            self.prepare()
+            self.split()
+            if not self.config.probing:
+                self.train()
+            self.predict()
+            self.metrics()
+            for name in ANALYSES:
+                if name in self.config.analyses.run:
+                    self.analyse(name)
+            self.report()
         return self.run.report
+
+
+def split_warnings(store: Store, splits: Splits) -> list[str]:
+    """A class with no positive (or no negative) image in the hold-out set, or in a fold's training images.
+
+    Both still run: the hold-out set's AUC of that class cannot be computed (so it gets no verdict), and the
+    fold's models are trained without ever seeing one. Kept in the split stage's record (the report's stages).
+    """
+    parts = [("the hold-out set", splits.test)]
+    parts += [(f"the training images of fold {k}", splits.train(k)) for k in range(len(splits.folds))]
+    found = []
+    for k, name in enumerate(store.classes):
+        for where, index in parts:
+            labels = store.labels[index, k]
+            for side, value in (("positive", 1.0), ("negative", 0.0)):
+                if not (labels == value).any():
+                    outcome = ("no hold-out AUC, so no verdict" if index is splits.test
+                               else "that fold's models never see one")
+                    images = f"{len(index)} image{'' if len(index) == 1 else 's'}"
+                    found.append(f"class {name}: no {side} image in {where} ({images}): {outcome}")
+    return found
 
 
 def open_job(run_root: str) -> tuple[Audit, Store, Splits]:

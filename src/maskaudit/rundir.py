@@ -24,8 +24,12 @@ Every path inside a run directory comes from :class:`RunDir`; no other module bu
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,21 +38,111 @@ from typing import Any
 
 import pandas as pd
 
+from maskaudit.errors import DiskError, disk_error, disk_message, require_space
+
+#: errno values of a file system without ``fallocate`` (the space check alone then guards a memory map)
+_NO_FALLOCATE = frozenset(
+    code for code in (errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None), errno.ENOSYS, errno.EINVAL) if code
+)
+
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A write the file system refuses (full, read-only, over quota, not writable; see
+    :func:`maskaudit.errors.disk_error`), in creating the folder or the temporary file, in the
+    block or in the rename, raises a one-line :class:`~maskaudit.errors.DiskError` naming
+    ``path``; the temporary file is removed and ``path`` keeps its old content. ``needed``
+    (bytes, when known) is checked against the free space first, and shown in the message.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if needed:
+            require_space(path.parent, needed, what=str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise (disk_error(exc, path, needed) or exc) from exc
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except (OSError, RuntimeError) as exc:
+            written = tmp_path.stat().st_size if tmp_path.is_file() else 0
+            error = disk_error(exc, path, needed)  # judged while the partial file still fills the disk
+            if error is None:
+                raise
+            if error.errno == errno.ENOSPC:  # the numbers once it is gone: what it reached, what is free
+                with contextlib.suppress(OSError):
+                    tmp_path.unlink(missing_ok=True)
+                error = DiskError(disk_message(errno.ENOSPC, path, needed, written=written), path, errno.ENOSPC)
+            raise error from exc
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+
+
+def reserve(path: Path, size: int | None = None, what: str | None = None) -> None:
+    """Allocate the blocks of the file ``path`` (its first ``size`` bytes; default all), so a memory map of it
+    cannot meet a full disk: an unbacked page of a map on a full disk fails with SIGBUS, not an error.
+
+    Raises :class:`~maskaudit.errors.DiskError` (naming ``what``, default ``path``) when the space is not
+    there; does nothing where the file system has no ``fallocate`` (the caller's space check then stands alone).
+    """
+    path = Path(path)
+    size = path.stat().st_size if size is None else size
+    if size <= 0:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            _fallocate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in _NO_FALLOCATE:
+            return
+        error = disk_error(exc, path, size, what=what)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _fallocate(fd: int, size: int) -> None:
+    """Linux's ``fallocate(2)``, which refuses (EOPNOTSUPP) where the file system cannot allocate, instead of
+    ``posix_fallocate``'s emulation (a write per block: minutes for a large store on NFS); ``posix_fallocate``
+    on other systems that have it; nothing elsewhere (macOS, Windows)."""
+    libc = _libc()
+    call = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None) if libc is not None else None
+    if call is not None:
+        call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        call.restype = ctypes.c_int
+        if call(fd, 0, 0, size) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    elif hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def allocated(path: Path) -> int:
+    """Bytes the file ``path`` already holds on disk (0 when it does not exist)."""
+    try:
+        return Path(path).stat().st_blocks * 512
+    except (OSError, AttributeError):
+        return 0
 
 
 def write_text(path: Path, text: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,12 +164,10 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
             if key not in ("epoch", "best") and not (isinstance(value, float) and math.isnan(value)):
                 writer.add_scalar(key.replace("val_auc_", "val_auc/"), value, epoch)
         if improved:
-            with atomic_path(job_dir / "model.pt") as tmp:
-                torch.save(model.state_dict(), tmp)
-        with atomic_path(last) as tmp:
-            torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                        "stopper": asdict(stopper), "history": state.history}, tmp)
+            save_checkpoint(model.state_dict(), job_dir / "model.pt")
+        save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                         "stopper": asdict(stopper), "history": state.history}, last)
         _write_history(job_dir, state.history)
         if improved:
             standing = "best so far, saved as model.pt"
@@ -200,6 +199,36 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
     write_json(job_dir / "job.json", summary)
     last.unlink(missing_ok=True)
     return summary
+
+
+#: what a checkpoint takes beyond its tensors' bytes, at most: zip records and pickled structure, and per tensor
+CHECKPOINT_OVERHEAD, TENSOR_OVERHEAD = 64 << 10, 1 << 10
+
+
+def _checkpoint_bytes(obj: object) -> int:
+    """At most what ``torch.save`` writes for a (nested) checkpoint object: its tensors' bytes and the overheads."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() + TENSOR_OVERHEAD
+    if isinstance(obj, dict):
+        return sum(_checkpoint_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_checkpoint_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(obj: object, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, flushed to disk, then renamed into place.
+
+    Its size is known up front (its tensors' bytes plus the overheads) and checked against the free
+    space; a full, read-only or over-quota disk (``torch.save`` says only ``unexpected pos …``) raises the one-line
+    :class:`~maskaudit.errors.DiskError` of :func:`~maskaudit.rundir.atomic_path`, and ``path`` keeps its previous
+    epoch's content, so the same command, with space freed, resumes after that epoch.
+    """
+    with atomic_path(path, needed=_checkpoint_bytes(obj) + CHECKPOINT_OVERHEAD) as tmp:
+        with tmp.open("wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _write_history(job_dir: Path, rows: list[dict]) -> pd.DataFrame:

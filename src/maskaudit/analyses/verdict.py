@@ -28,6 +28,10 @@ The rules, in order; the first that applies is the verdict:
 7. ``unclear`` — the full model shows signal but neither masked model does: the evidence needs the
    ROI together with its surroundings; read the matrices.
 
+Without an AUC of the full model the verdict is ``undetermined``, and its reading says why: the run has no
+full model, or the class has no positive (or no negative) image in the hold-out set ("No positive image of
+effusion in the hold-out set: no AUC, no verdict."; ``split`` warns about it first).
+
 The share of positive attribution inside the ROI (``explain``) is reported beside the verdict as
 supporting evidence, not used by the rules: attribution maps are not calibrated enough to overrule
 models trained without the ROI.
@@ -169,8 +173,11 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     def seen(cell: Cell | None) -> str:
         return cell.text() if cell else "not in this run"
 
+    label = ""
     if full is None:
         verdict, reading = "undetermined", "The run has no full-image model on full images to compare with."
+        label, missing = _no_auc(cells, (evidence_cells or EVIDENCE)["full"])
+        reading = missing or reading
     elif base_signal and not better:
         verdict = "metadata"
         p_full = tests.get(full.name, {}).get("p_value", math.nan)
@@ -216,7 +223,8 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
                     "a sign that these images are outside what it was trained on.")
     if probe and verdict != "undetermined":
         reading += PROBE_CAVEAT
-    row = {"verdict": verdict, "label": VERDICTS[verdict][0], "reading": reading, "weak_evidence": " ".join(notes)}
+    row = {"verdict": verdict, "label": label or VERDICTS[verdict][0], "reading": reading,
+           "weak_evidence": " ".join(notes)}
     for name, cell in evidence.items():
         row[f"{name}_cell"] = cell.name if cell else ""
         row[f"{name}_auc"] = cell.auc if cell else math.nan
@@ -229,6 +237,29 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     row["baseline_signal"] = base_signal
     row["attribution_ratio"] = attribution.get("ratio", math.nan) if attribution else math.nan
     return row
+
+
+def _no_auc(cells: pd.DataFrame, candidates: list[tuple[str, str]]) -> tuple[str, str]:
+    """Label and reading of a run that has the full model's cell but no AUC in it (else two empty strings).
+
+    A class with no positive (or no negative) image in the hold-out set has no AUC in any cell: the reading
+    says that, from the matrix's ``n_pos``/``n_neg`` (and ``class``, ``reason``) columns, instead of a missing model.
+    """
+    for train, test in candidates:
+        if (train, test) not in cells.index:
+            continue
+        row = cells.loc[(train, test)]
+        row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+        name = str(row["class"]) if "class" in row.index else "this class"
+        counts = {c: row[c] for c in ("n_pos", "n_neg") if c in row.index and not pd.isna(row[c])}
+        for side, column in (("positive", "n_pos"), ("negative", "n_neg")):
+            if column in counts and int(counts[column]) == 0:
+                return (f"undetermined: no {side} image in the hold-out set",
+                        f"No {side} image of {name} in the hold-out set: no AUC, no verdict.")
+        reason = str(row["reason"]) if "reason" in row.index and isinstance(row["reason"], str) else ""
+        return ("undetermined: no AUC on the hold-out set",
+                f"The {train}→{test} cell of {name} has no hold-out AUC{f' ({reason})' if reason else ''}: no verdict.")
+    return "", ""
 
 
 def _baseline_text(baseline: dict) -> str:

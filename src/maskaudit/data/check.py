@@ -19,7 +19,13 @@ The rules (what :func:`summarise` reports):
   set alone), or a class label (positive / negative);
 - more than :data:`REJECTED_SHARE` of the whole dataset's rows are rejected;
 - an external dataset: a class with no kept positive (or negative), which gets no AUC there;
-  kept images without masks, which are scored under ``full`` alone.
+  kept images without masks, which are scored under ``full`` alone;
+- found only by ``prepare``, which decodes and hashes every file (``maskaudit check`` reads headers
+  only, so it cannot): rows whose image file is byte-identical to an earlier row's (rejected, or
+  kept under ``data_checks.duplicate_images: warn``: the same image can then be on both sides of
+  the split); kept images whose ROI covers more than ``data_checks.max_roi_fraction`` (95 %) of the
+  image, which ``no_roi`` leaves blank, or less than ``min_roi_fraction`` (0.1 %), which ``only_roi``
+  leaves blank (the manifest's ``roi_fraction_<roi>``). Each is counted in :attr:`DataCheck.flagged`.
 
 *Errors* (``run`` would fail, or its numbers would mean little):
 
@@ -87,6 +93,9 @@ class DataCheck:
         ``positive_patients``, ``negative_patients``.
     warnings, errors : list of str
         In plain words, with the numbers; any error makes ``maskaudit check`` exit 1.
+    flagged : dict of str to int
+        Rows behind the warnings that only ``prepare`` finds (see the module's docstring), by what
+        they are, e.g. ``{"ROI lungs covers more than 95 %": 3}``.
     """
 
     dataset: str
@@ -101,6 +110,7 @@ class DataCheck:
     balance: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    flagged: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -237,6 +247,8 @@ def summarise(
     test_fraction: float = 0.2,
     has_masks: bool = True,
     masked_strategies: Sequence[str] = (),
+    min_roi_fraction: float = 0.001,
+    max_roi_fraction: float = 0.95,
 ) -> DataCheck:
     """Counts, warnings and errors of one dataset's rows (the rules are in the module's docstring).
 
@@ -262,6 +274,9 @@ def summarise(
         Whether the source has ROI masks at all.
     masked_strategies : sequence of str
         The config's training and test strategies other than ``full``.
+    min_roi_fraction, max_roi_fraction : float
+        ``data_checks``' bounds of a kept image's ROI share (the ``roi_fraction_<roi>`` columns, which
+        only a prepared store's manifest has).
 
     Returns
     -------
@@ -308,6 +323,7 @@ def summarise(
     if not has_masks and masked_strategies and not external:
         fail(f"{dataset}: the data has no ROI masks, but strategies {', '.join(masked_strategies)} need them; "
              "set `data.mask_column` or use `strategies: [full]`")
+    _prepare_findings(check, frame, kept, kinds, dataset if external else "", min_roi_fraction, max_roi_fraction)
     if external and check.kept_no_masks and masked_strategies:
         warn(f"{dataset}: {check.kept_no_masks} of {check.kept} kept images have no masks "
              f"({_reason_text(no_masks[kept & no_masks.ne('')].map(reason_kind))}); they are scored under full only")
@@ -333,6 +349,57 @@ def summarise(
     if not external:
         _split_rules(check, rows, split, classes, folds, test_fraction, groupings["split"])
     return check
+
+
+def _share(value: float) -> str:
+    """``95 %``, ``0.1 %``: a share as the warnings write it."""
+    return f"{100 * value:g} %"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``3 images``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _examples(ids: pd.Series, limit: int = 3) -> str:
+    shown = ", ".join(map(str, ids.iloc[:limit]))
+    return shown + (", …" if len(ids) > limit else "")
+
+
+def _prepare_findings(check: DataCheck, frame: pd.DataFrame, kept: Any, kinds: pd.Series, dataset: str,
+                      min_roi_fraction: float, max_roi_fraction: float) -> None:
+    """The warnings only a prepared store's manifest can give: the same image file twice, a ROI that covers
+    (almost) the whole image or almost none of it. Counted in ``check.flagged``."""
+    warn = check.warnings.append
+    label = f"{dataset}: " if dataset else ""
+    ids = frame["image_id"].astype(str)
+    twice = kinds.eq("duplicate image file").to_numpy() & ~kept
+    if twice.any():
+        n = check.flagged["rejected: same image file as an earlier row"] = int(twice.sum())
+        warn(f"{label}{_count(n, 'row')} rejected: {'its' if n == 1 else 'their'} image file is byte-identical to "
+             f"an earlier row's ({frame.loc[twice, 'reason'].iloc[0]}{', …' if n > 1 else ''}); "
+             "`data_checks.duplicate_images: warn` keeps such rows")
+    if "same_file_as" in frame:
+        same = frame["same_file_as"].fillna("").astype(str)
+        kept_twice = kept & same.ne("").to_numpy()
+        if kept_twice.any():
+            n = check.flagged["kept: same image file as an earlier row"] = int(kept_twice.sum())
+            first = f"{ids[kept_twice].iloc[0]!r} is the file of {same[kept_twice].iloc[0]}"
+            warn(f"{label}{_count(n, 'kept image')} {'is' if n == 1 else 'are'} the same image file as an earlier "
+                 f"row ({first}{', …' if n > 1 else ''}; data_checks.duplicate_images: warn): the same image may be "
+                 "in both the hold-out set and the training images")
+    for column in [c for c in frame.columns if str(c).startswith("roi_fraction_")]:
+        roi = str(column).removeprefix("roi_fraction_")
+        share = pd.to_numeric(frame[column], errors="coerce")
+        for bound, over, strategy, blank in ((max_roi_fraction, True, "no_roi", "blank"),
+                                             (min_roi_fraction, False, "only_roi", "(almost) blank")):
+            flagged = kept & (share.gt(bound) if over else share.lt(bound)).fillna(False).to_numpy()
+            if flagged.any():
+                n = check.flagged[f"ROI {roi} covers {'more' if over else 'less'} than {_share(bound)}"] = \
+                    int(flagged.sum())
+                warn(f"{label}{_count(n, 'image')} whose ROI {roi} covers {'more' if over else 'less'} than "
+                     f"{_share(bound)} of the image: {strategy} leaves {'it' if n == 1 else 'them'} {blank} "
+                     f"({_examples(ids[flagged])})")
 
 
 def _split_rules(check: DataCheck, rows: pd.DataFrame, split: pd.Series, classes: Sequence[str], folds: int,
@@ -394,7 +461,10 @@ def masked_strategies(config: AuditConfig) -> list[str]:
 
 
 def check_source(source: Source, config: AuditConfig, dataset: str = "main", external: bool = False) -> DataCheck:
-    """Read every row of ``source`` (headers only) and :func:`summarise` them under ``config``'s rules."""
+    """Read every row of ``source`` (headers only) and :func:`summarise` them under ``config``'s rules.
+
+    Headers only: the same image file on two rows and a ROI covering (almost) all or none of its image are
+    found by ``prepare``, which decodes every file (its check, :func:`check_store`, says them)."""
     frame = source_frame(source, external)
     return summarise(frame, source.classes, source.metadata_columns, dataset=dataset, external=external,
                      source=_describe({"name": source.name, **source.describe()}), folds=config.folds,
@@ -424,7 +494,9 @@ def check_store(store: Any, config: AuditConfig, dataset: str = "main", external
     """:func:`summarise` a prepared store's manifest (what ``prepare`` keeps as :data:`CHECK_FILE`)."""
     return summarise(store.manifest, store.classes, store.metadata_columns, dataset=dataset, external=external,
                      source=_describe(store.source), folds=config.folds, test_fraction=config.test_fraction,
-                     has_masks=bool(store.rois), masked_strategies=masked_strategies(config))
+                     has_masks=bool(store.rois), masked_strategies=masked_strategies(config),
+                     min_roi_fraction=config.data_checks.min_roi_fraction,
+                     max_roi_fraction=config.data_checks.max_roi_fraction)
 
 
 def read_check(folder: Path) -> DataCheck | None:

@@ -3,6 +3,8 @@
 Every file goes through :func:`read_image` or :func:`read_mask`, which turn Pillow's many modes
 into a few array shapes and turn every decoding problem (missing, corrupt, truncated, a
 decompression bomb) into a :class:`~maskaudit.errors.MaskauditError` that names the file.
+Both return the image upright: an EXIF *Orientation* tag (images and masks alike) is applied
+first, and :func:`image_header` reports the upright size.
 :func:`resize_pad` is the one geometric transform; the prepared store applies it to images
 and masks alike, so both land on the same pixel grid.
 """
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 from maskaudit.errors import MaskauditError
 
@@ -33,6 +35,11 @@ _HEAD_BYTES = 132
 #: Pillow modes whose pixels are wider than 8 bits; decoded through numpy, never ``convert("L")``
 #: (which clips 16-bit values instead of scaling them).
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+#: The EXIF tag that says how the stored pixels are turned (1 upright; 5–8 swap width and height).
+_ORIENTATION = 0x0112
+#: Orientations whose upright image is the stored one turned a quarter: its width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,14 @@ def _is_dicom(path: Path, head: bytes) -> bool:
 
 
 def _open(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (first frame), as a Pillow image.
+    """Open and fully decode ``path`` (first frame), as a Pillow image, upright.
 
-    Pillow's decompression-bomb *warning* (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is
-    raised as an error here, as is its error (twice that); truncated and corrupt files fail
-    while decoding, because ``load()`` is called before returning.
+    Upright: turned or flipped as the file's EXIF *Orientation* tag says (Pillow's
+    ``ImageOps.exif_transpose``; a camera's JPEG is often stored sideways with tag 6), before
+    anything else looks at it, so an image and its mask are compared, resized and stored as a
+    viewer shows them. Pillow's decompression-bomb *warning* (more than
+    ``Image.MAX_IMAGE_PIXELS`` pixels) is raised as an error here, as is its error (twice that);
+    truncated and corrupt files fail while decoding, because ``load()`` is called before returning.
     """
     path = Path(path)
     if not path.is_file():
@@ -75,7 +85,19 @@ def _open(path: Path) -> Image.Image:
     with _pillow(path, "decode image") as img:
         img.seek(0)
         img.load()
-        return img.copy() if img.mode != "P" else img.convert("RGBA" if _has_alpha(img) else "RGB")
+        upright = ImageOps.exif_transpose(img)  # a copy, turned when the file says so
+        return upright if upright.mode != "P" else upright.convert("RGBA" if _has_alpha(upright) else "RGB")
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF *Orientation* of an opened, not decoded, file (1 when it has none), as ``exif_transpose`` reads it.
+
+    PNG: the eXIf chunk (or XMP) met before the pixels; Pillow's own ``getexif`` of a PNG decodes the
+    whole image to look for a chunk after them, which a header read must not do.
+    """
+    exif = Image.Image.getexif(img) if isinstance(img, PngImagePlugin.PngImageFile) else img.getexif()
+    value = exif.get(_ORIENTATION, 1)
+    return value if isinstance(value, int) else 1
 
 
 @contextmanager
@@ -131,6 +153,8 @@ def read_image(path: Path, color: Color = "gray", dicom: DicomOptions | None = N
         single-frame DICOM file (a ``.dcm`` name, or the ``DICM`` marker at byte 128 whatever
         the name), decoded by :mod:`maskaudit.data.dicom` (rescale, VOI LUT / window,
         MONOCHROME1 inversion, YBR → RGB; the rules and their sources are listed there).
+        A Pillow file's EXIF *Orientation* tag is applied (the array is upright, as a viewer
+        shows it; tags 5–8 swap height and width).
     color : {"gray", "rgb"}
         ``"gray"``: one channel. 16-bit (and 32-bit integer / float) files keep their
         precision as uint16; 8-bit files stay uint8; colour files are converted with
@@ -187,7 +211,8 @@ def read_mask(path: Path) -> np.ndarray:
     mask when any of its colour channels is ``> 0``, so a mask drawn in any colour works (for
     gray-looking colour files this is the same as the first channel). Alpha is ignored.
     DICOM masks: the decoded stored values ``> 0`` (no rescale, window or MONOCHROME1
-    inversion), any channel for colour files.
+    inversion), any channel for colour files. Like :func:`read_image`, the mask's own EXIF
+    *Orientation* tag is applied first.
 
     Raises
     ------
@@ -212,8 +237,9 @@ def read_mask(path: Path) -> np.ndarray:
 def image_header(path: Path) -> ImageHeader:
     """Size, channels, frames and format of an image file, from its header only (no pixel decoding).
 
-    Pillow files: ``Image.open`` without ``load()``; ``height``/``width`` as Pillow reports
-    them (no EXIF rotation), ``channels`` the band count of the mode (a palette image counts
+    Pillow files: ``Image.open`` without ``load()``; ``height``/``width`` of the upright image,
+    as :func:`read_image` decodes it (swapped when the EXIF *Orientation* tag is 5–8, a quarter
+    turn), ``channels`` the band count of the mode (a palette image counts
     as 3, or 4 with transparency: what :func:`read_image` decodes it to), ``frames`` Pillow's
     ``n_frames`` (1 when the format has none), ``kind`` Pillow's format in lower case
     (``"png"``, ``"jpeg"``, ``"tiff"`` …). DICOM files (as :func:`read_image` recognises
@@ -237,6 +263,8 @@ def image_header(path: Path) -> ImageHeader:
         return ImageHeader(rows, columns, dicom.header_channels(ds, samples), frames, "dicom")
     with _pillow(path, "read image header") as img:
         width, height = img.size
+        if _orientation(img) in _QUARTER_TURNS:  # as _open turns it: upright, a quarter turn swaps the sides
+            width, height = height, width
         channels = (4 if _has_alpha(img) else 3) if img.mode == "P" else len(img.getbands())
         frames = int(getattr(img, "n_frames", 1))
         kind = (img.format or "unknown").lower()

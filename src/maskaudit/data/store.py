@@ -22,6 +22,7 @@ number of workers or the order in which they finish.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,10 +43,10 @@ import pandas as pd
 import pyarrow as pa
 
 from maskaudit.data.imaging import resize_pad
-from maskaudit.data.sources.base import Record, Rejected, Source
-from maskaudit.errors import MaskauditError
+from maskaudit.data.sources.base import Record, Rejected, Source, shown_path
+from maskaudit.errors import MaskauditError, require_space
 from maskaudit.masking import signed_taxicab_distance
-from maskaudit.rundir import atomic_path, read_json, write_json, write_table
+from maskaudit.rundir import allocated, atomic_path, read_json, reserve, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,13 @@ WORK = ".partial"
 NO_MASK = np.iinfo(np.int16).max
 CHECKPOINT_EVERY = 64
 CHECKPOINT_SECONDS = 2.0
+#: bytes of each blake2b digest: of the stored content, and of the image file (the same file on two rows)
+DIGEST = 16
 #: slot states in ``.partial/state.npy``
 _PENDING, _FAILED, _DONE8, _DONE16 = 0, 1, 8, 16
 #: manifest columns that classes and metadata columns may not reuse
-FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split", "no_masks")
+FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split", "no_masks",
+                 "same_file_as")
 
 
 def dist_file(key: str) -> str:
@@ -128,6 +132,7 @@ class _Result:
     dists: list[np.ndarray] = field(default_factory=list)  # per key, (S, S) int16
     fractions: list[float] = field(default_factory=list)  # per named ROI, share of the native image
     mean: float = 0.0  # mean pixel value in [0, 1]
+    #: what was stored (blake2b of the pixels and maps), then the image file's own bytes (:func:`_hashed`)
     digest: bytes = b""
 
 
@@ -138,6 +143,25 @@ def _load_failure(exc: MaskauditError) -> str:
     return f"unreadable image or mask: {message}"
 
 
+#: what opening one row's files raises for a reason of that row alone: an OSError (no such file, a name too
+#: long, a symlink loop, permission denied, a directory), a ValueError (a NUL byte in the path), a RuntimeError
+#: (``pathlib``'s symlink loop before Python 3.13); the row is rejected with the OS's reason
+_ROW_ERRORS = (OSError, ValueError, RuntimeError)
+#: RuntimeErrors that are bugs, not a row's problem: they stay loud
+_BUGS = (RecursionError, NotImplementedError)
+
+
+def _row_failure(exc: BaseException, record: Record) -> str:
+    """``unreadable image or mask: <path>: <OS reason>`` for an error raised while loading ``record``."""
+    where = record.source_path or record.image_id
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = os.fsdecode(exc.filename) if isinstance(exc.filename, str | bytes) and exc.filename else where
+    else:
+        reason = str(exc) or type(exc).__name__
+    return f"unreadable image or mask: {shown_path(str(where))}: {reason}"
+
+
 def _process(source: Source, record: Record, slot: int, settings: _Settings) -> _Result:
     """Load, resize and measure one record. User-caused problems become a failure reason.
 
@@ -146,9 +170,13 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
     """
     try:
         loaded = source.load(record)
+        image = np.asarray(loaded.image)
     except MaskauditError as exc:
         return _Result(slot, failure=_load_failure(exc))
-    image = np.asarray(loaded.image)
+    except _ROW_ERRORS as exc:
+        if isinstance(exc, _BUGS):
+            raise
+        return _Result(slot, failure=_row_failure(exc, record))
     if settings.channels == 1 and image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     expected = "(H, W)" if settings.channels == 1 else f"(H, W, {settings.channels})"
@@ -158,9 +186,9 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
         raise ValueError(
             f"{source.name}: load({record.image_id!r}) gave shape {image.shape}, expected {expected}"
         )
-    where = record.source_path or record.image_id
+    where = shown_path(record.source_path or record.image_id)
     if record.no_masks:
-        return _measured(slot, image, {}, settings, where)
+        return _hashed(_measured(slot, image, {}, settings, where), record)
     fractions = []
     for roi in settings.rois:
         if roi not in loaded.rois:
@@ -175,20 +203,27 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
         if not mask.any():
             return _Result(slot, failure=f"empty ROI mask: {roi!r} ({where})")
         fractions.append(float(mask.mean()))
-    return _measured(slot, image, {roi: loaded.rois[roi] for roi in settings.rois}, settings, where, fractions)
+    return _hashed(_measured(slot, image, {roi: loaded.rois[roi] for roi in settings.rois}, settings, where,
+                             fractions), record)
 
 
 def _measured(slot: int, image: np.ndarray, rois: dict[str, np.ndarray], settings: _Settings, where: str,
               fractions: list[float] | None = None) -> _Result:
-    """The stored pixels and distance maps of a loaded image; no ``rois``: every map is :data:`NO_MASK`."""
+    """The stored pixels and distance maps of a loaded image; no ``rois``: every map is :data:`NO_MASK`.
+
+    An array that cannot be resized (``resize_pad``'s MaskauditError, e.g. an empty one) is the row's failure.
+    """
     if not np.any(image):
         return _Result(slot, failure=f"image all zero: {where}")
     wide = image.dtype.kind == "f" or image.dtype.itemsize > 1
-    image01 = resize_pad(image, settings.image_size, "image")
+    try:
+        image01 = resize_pad(image, settings.image_size, "image")
+        masks = {roi: resize_pad(rois[roi], settings.image_size, "mask") for roi in settings.rois} if rois else {}
+    except MaskauditError as exc:
+        return _Result(slot, failure=f"unreadable image or mask: {where}: {exc}")
     pixels = to_pixels(image01, 65535 if wide else 255)
     pixels = pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
     if rois:
-        masks = {roi: resize_pad(rois[roi], settings.image_size, "mask") for roi in settings.rois}
         dists = [signed_taxicab_distance(masks[roi]) for roi in settings.rois]
         for key in settings.unions:
             dists.append(signed_taxicab_distance(np.logical_or.reduce([masks[p] for p in key.split("+")])))
@@ -196,21 +231,87 @@ def _measured(slot: int, image: np.ndarray, rois: dict[str, np.ndarray], setting
         blank = np.full((settings.image_size, settings.image_size), NO_MASK, dtype=np.int16)
         dists = [blank] * (len(settings.rois) + len(settings.unions))
         fractions = [math.nan] * len(settings.rois)
-    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=DIGEST)
     for dist in dists:
         digest.update(dist.tobytes())
     mean = float(pixels.mean(dtype=np.float64)) / (65535 if wide else 255)
     return _Result(slot, "", pixels, dists, fractions or [], mean, digest.digest())
 
 
+def _image_file(record: Record) -> Path | None:
+    """The record's image file: ``key.image`` of the sources that read files (folder, PadChest, ChestX-ray14,
+    Chákṣu); None for a source that makes its pixels (synthetic)."""
+    image = getattr(record.key, "image", None)
+    return Path(image) if isinstance(image, str) and image else None
+
+
+def _hashed(result: _Result, record: Record) -> _Result:
+    """``result`` with the blake2b of its image file's raw bytes after the stored content's digest.
+
+    Two rows whose files have the same digest are the same image (the manifest pass of :func:`prepare_store`);
+    :data:`DIGEST` zero bytes stand for a record without a file. A failed result is returned as it is.
+    """
+    if result.failure:
+        return result
+    source = hashlib.blake2b(digest_size=DIGEST)
+    path = _image_file(record)
+    if path is None:
+        result.digest += bytes(DIGEST)
+        return result
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                source.update(chunk)
+    except OSError as exc:
+        return _Result(result.slot, failure=f"unreadable image or mask: {path}: {exc.strerror or exc}")
+    result.digest += source.digest()
+    return result
+
+
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, settings: _Settings) -> None:
+def _init_worker(source: Source, settings: _Settings, lifeline: Any = None) -> None:
     import cv2
 
+    _die_with_parent(lifeline)
     cv2.setNumThreads(1)  # one process per core already
     _WORKER["source"], _WORKER["settings"] = source, settings
+
+
+def _die_with_parent(lifeline: Any) -> None:
+    """End this worker as soon as the preparing process ends, however it ends (SIGKILL included).
+
+    ``lifeline`` is the read end of a pipe (a ``multiprocessing`` connection) whose only write end
+    is in the preparing process: a thread waits on it and ends this process at its end of file, which
+    the kernel delivers when the preparing process closes it or dies. The kernel's parent-death
+    signal alone would not do: a worker's parent is the fork server, which lives on as long as any
+    worker does (each holds the server's "alive" pipe), so killed parents used to leave the server,
+    the resource tracker and the workers running forever. On Linux the worker also asks for SIGKILL
+    when its own parent (the fork server) dies (``prctl(PR_SET_PDEATHSIG)``).
+    """
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+            pass
+    if lifeline is None:
+        return
+
+    def watch() -> None:
+        try:
+            lifeline.recv_bytes()  # nothing is ever sent: this returns (EOFError) when the write end closes
+        except (EOFError, OSError):
+            pass
+        os._exit(1)  # at once: no clean-up is owed to a preparation that has ended
+
+    threading.Thread(target=watch, name="maskaudit-lifeline", daemon=True).start()
 
 
 def _run_task(slot: int, record: Record) -> _Result:
@@ -231,16 +332,18 @@ class _Slots:
             log.info("discarding an unfinished preparation (other inputs, or files missing) in %s", work)
             shutil.rmtree(work)
         fresh = not work.is_dir()
-        work.mkdir(parents=True, exist_ok=True)
         size, n_rois = settings.image_size, len(settings.rois)
+        self._require_space(m, size, n_rois)
+        work.mkdir(parents=True, exist_ok=True)
         self.state = self._array("state.npy", (m,), np.uint8, fresh)
         self.dists = [self._array(dist_file(k), (m, size, size), np.int16, fresh) for k in self.keys]
         self.fractions = self._array("fractions.npy", (m, max(n_rois, 1)), np.float64, fresh)
         self.means = self._array("means.npy", (m,), np.float64, fresh)
-        self.digests = self._array("digests.npy", (m, 16), np.uint8, fresh)
+        self.digests = self._array("digests.npy", (m, 2 * DIGEST), np.uint8, fresh)  # content, then file (_hashed)
         self.images: np.memmap | None = None
         if not fresh and (work / IMAGES).is_file():
             self.images = np.lib.format.open_memmap(work / IMAGES, mode="r+")
+            reserve(work / IMAGES, what=self._named(IMAGES))
         failures = work / "failures.json"
         self.failures: dict[int, str] = (
             {int(k): v for k, v in read_json(failures).items()} if failures.is_file() and not fresh else {}
@@ -260,11 +363,38 @@ class _Slots:
         finished = np.load(self.work / "state.npy", mmap_mode="r") >= _DONE8
         return not finished.any() or (self.work / IMAGES).is_file()
 
+    def _named(self, name: str) -> str:
+        """How a disk message names a slot file: the store file it becomes (``.partial`` is a detail)."""
+        return str(self.work.parent / name) if name == IMAGES or name.startswith("dist_") else str(self.work / name)
+
+    def _require_space(self, m: int, size: int, n_rois: int) -> None:
+        """Refuse, with the numbers, slot files the disk cannot hold, before any is memory-mapped (a map on a full
+        disk dies of SIGBUS at its first unbacked page). Counts what resumed files already hold on disk; the
+        images as uint8 (widening to uint16 checks again)."""
+        images = self.work / IMAGES
+        shape = (m, self.settings.channels, size, size)
+        wide = images.is_file() and images.stat().st_size > _npy_bytes(shape, np.uint8)
+        layout: dict[str, tuple[tuple[int, ...], Any]] = {
+            "state.npy": ((m,), np.uint8),
+            **{dist_file(k): ((m, size, size), np.int16) for k in self.keys},
+            "fractions.npy": ((m, max(n_rois, 1)), np.float64),
+            "means.npy": ((m,), np.float64),
+            "digests.npy": ((m, 2 * DIGEST), np.uint8),
+            IMAGES: (shape, np.uint16 if wide else np.uint8),
+        }
+        needed = sum(max(0, _npy_bytes(*shape_dtype) - allocated(self.work / name))
+                     for name, shape_dtype in layout.items())
+        require_space(self.work, needed, what=_store_files(self.work.parent, len(self.keys)))
+
     def _array(self, name: str, shape: tuple[int, ...], dtype: Any, fresh: bool) -> np.memmap:
+        """A slot file, memory-mapped with its blocks reserved (see :func:`maskaudit.rundir.reserve`)."""
         path = self.work / name
         if fresh or not path.is_file():
-            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        return np.lib.format.open_memmap(path, mode="r+")
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        else:
+            array = np.lib.format.open_memmap(path, mode="r+")
+        reserve(path, what=self._named(name))
+        return array
 
     def _images_for(self, wide: bool) -> np.memmap:
         """The image slots, created at the first result, widened to uint16 at the first 16-bit one."""
@@ -275,10 +405,12 @@ class _Slots:
             self.images = np.lib.format.open_memmap(
                 path, mode="w+", dtype=dtype, shape=(self.m, channels, size, size)
             )
+            reserve(path, what=self._named(IMAGES))
         elif wide and self.images.dtype == np.uint8:
             log.info("a 16-bit image among 8-bit ones: widening the prepared images to uint16")
-            with atomic_path(path) as tmp:
+            with atomic_path(path, needed=_npy_bytes(self.images.shape, np.uint16)) as tmp:
                 wider = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=self.images.shape)
+                reserve(tmp, what=self._named(IMAGES))
                 for start in range(0, self.m, 256):
                     wider[start : start + 256] = self.images[start : start + 256].astype(np.uint16) * 257
                 wider.flush()
@@ -328,6 +460,17 @@ class _Slots:
         self.dists = []
 
 
+def _store_files(out: Path, maps: int) -> str:
+    """How a disk message names a store's arrays: ``RUN/prepared/images.npy and its 2 distance maps``."""
+    tail = "" if not maps else " and its distance map" if maps == 1 else f" and its {maps} distance maps"
+    return f"{out / IMAGES}{tail}"
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    """What an ``.npy`` file of ``shape`` and ``dtype`` takes on disk, at most: its data and a 4 KiB block of header."""
+    return 4096 + math.prod(shape) * np.dtype(dtype).itemsize
+
+
 # ------------------------------------------------------------------------------------------ prepare
 
 
@@ -355,7 +498,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
     A fork server, where the platform has one, imports this module once and forks workers
     from it, so a second preparation in the same process starts its workers at once;
-    elsewhere, spawn.
+    elsewhere, spawn. The server and the resource tracker end by themselves once this process
+    and every worker have (end of file on their pipes); the workers end with this process
+    (:func:`_die_with_parent`), so a killed preparation leaves no process behind.
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
@@ -392,8 +537,9 @@ def _run(
                     bar.advance()
                 return
             context = _pool_context()
-            with ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=(source, settings)
+            lifeline, alive = context.Pipe(duplex=False)  # the workers' lifeline; this process alone writes it
+            with contextlib.closing(alive), contextlib.closing(lifeline), ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(source, settings, lifeline)
             ) as pool:
                 queue = iter(todo)
                 running: dict[Future[_Result], int] = {}
@@ -429,6 +575,7 @@ def prepare_store(
     workers: int = 0,
     progress: bool = True,
     masks: Literal["required", "optional"] = "required",
+    duplicate_images: Literal["reject", "warn"] = "reject",
 ) -> Store:
     """Decode every image of ``source`` once into a prepared store under ``out``.
 
@@ -453,6 +600,13 @@ def prepare_store(
         ``"optional"`` (an external test set) keeps it, to be scored under ``full`` alone
         (the study scored its external set unmasked): its ``no_masks`` column says why, its
         distance maps are :data:`NO_MASK` and :attr:`Store.masked` is False for it.
+    duplicate_images : {"reject", "warn"}
+        What becomes of a kept row whose image file is byte-identical to an earlier kept row's
+        (the blake2b of the raw file, taken by the worker that decodes it; sources that make their
+        pixels, like ``synthetic``, have no file): ``"reject"`` rejects every row after the first,
+        by input order (``duplicate image file: same image file as 'a' (row 2)``, with the first
+        row's patient when it differs), ``"warn"`` keeps them and names the first row in their
+        ``same_file_as`` column (``maskaudit.data.check`` warns about both).
 
     Notes
     -----
@@ -462,11 +616,13 @@ def prepare_store(
     ``source_path``, ``row`` (the source's row number where it has one: ``Rejected.row``, or
     ``row`` of the record or of its key; the folder source counts the CSV header as row 1),
     ``index`` (0..n-1 for kept rows, -1 otherwise), ``split``, ``no_masks`` (why a kept image has no
-    masks, see ``masks``; empty otherwise), one nullable Int8 column per
-    class, one column per metadata column (as read; text when a column mixes types) and
+    masks, see ``masks``; empty otherwise), ``same_file_as`` (a kept row whose image file is an earlier
+    row's, under ``duplicate_images="warn"``: that row, e.g. ``'a' (row 2)``; empty otherwise), one
+    nullable Int8 column per class, one column per metadata column (as read; text when a column mixes types) and
     ``roi_fraction_<roi>`` per named ROI (share of the native image inside the ROI; NaN
     unless kept). Rejections found while preparing: ``unreadable image or mask``, ``mask size
-    mismatch``, ``empty ROI mask`` (naming the ROI), ``image all zero``, ``duplicate image id``.
+    mismatch``, ``empty ROI mask`` (naming the ROI), ``image all zero``, ``duplicate image id``,
+    ``duplicate image file`` (see ``duplicate_images``).
 
     Returns
     -------
@@ -479,7 +635,14 @@ def prepare_store(
     ------
     MaskauditError
         For an unknown ROI key, a class or metadata name that clashes with a manifest column,
-        or when no image is usable (the manifest is still written, to say why).
+        or when no image is usable (the manifest is still written, to say why). Its subclass
+        :class:`~maskaudit.errors.DiskError` when the disk cannot hold the store's memory maps
+        (checked, with the numbers, before any is allocated; then each is reserved with
+        ``fallocate`` so that a write to it cannot die of SIGBUS) or refuses a write (full,
+        read-only, over quota): nothing is left half-written, and the same call, once space is
+        freed, resumes. A row whose files cannot be opened or read (any ``OSError``,
+        ``ValueError`` or ``RuntimeError`` of its ``load``) is that row's rejection
+        ``unreadable image or mask: <path>: <reason>``, never an error.
     """
     out = Path(out)
     if image_size < 1:
@@ -506,6 +669,7 @@ def prepare_store(
         "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels, "rois": list(rois),
         "unions": list(unions), "classes": classes, "metadata": metadata_columns, "source": description,
         "masks": masks, "items": [_listing_entry(item) for item in items],
+        "duplicate_images": duplicate_images, "digests": [DIGEST, "content", "file"],
     }  # fmt: skip
     plan = hashlib.sha256(json.dumps(plan_doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -546,6 +710,29 @@ def prepare_store(
             slots.checkpoint()
     state = np.asarray(slots.state) if slots is not None else np.zeros(0, np.uint8)
     kept_slots = np.flatnonzero(state >= _DONE8)
+
+    # the same image file on two rows (_hashed): decided in input order, whatever order the workers finished
+    # in; the first row keeps it, a later one is rejected (or, duplicate_images="warn", kept naming the first)
+    same_file: dict[int, int] = {}  # slot -> the slot of the first row with its file
+    if slots is not None:
+        first_of: dict[bytes, int] = {}
+        for slot in map(int, kept_slots):
+            file_digest = bytes(slots.digests[slot, DIGEST:])
+            if file_digest != bytes(DIGEST):  # zeros: a record without a file
+                first = first_of.setdefault(file_digest, slot)
+                if first != slot:
+                    same_file[slot] = first
+        if duplicate_images == "reject" and same_file:
+            kept_slots = np.array([s for s in kept_slots if int(s) not in same_file], dtype=kept_slots.dtype)
+    position_of = {slot: position for position, slot in slot_of.items()}
+
+    def first_row(slot: int) -> str:
+        """``'a' (row 2)``: the first row with the image file of ``slot``, and its patient when another."""
+        first, record = candidates[same_file[slot]], candidates[slot]
+        where = f"row {first.row}" if first.row is not None else f"input {position_of[same_file[slot]]}"
+        other = f", patient {first.patient_id!r}" if first.patient_id != record.patient_id else ""
+        return f"{first.image_id!r} ({where}{other})"
+
     index_of = {int(s): i for i, s in enumerate(kept_slots)}
     n = len(kept_slots)
 
@@ -567,12 +754,15 @@ def prepare_store(
             status, reason, index = "rejected", duplicates[position], -1
         elif slot in index_of:
             status, reason, index = "kept", "", index_of[slot]
+        elif slot in same_file:
+            status, reason, index = "rejected", f"duplicate image file: same image file as {first_row(slot)}", -1
         else:
             assert slots is not None
             status, reason, index = "rejected", slots.failures.get(slot, "not prepared"), -1
         row = {**base, "patient_id": item.patient_id, "status": status, "reason": reason, "index": index}
         row["split"] = item.split
         row["no_masks"] = item.no_masks if index >= 0 else ""
+        row["same_file_as"] = first_row(slot) if index >= 0 and slot in same_file else ""
         row.update({name: item.labels.get(name) for name in classes})
         row.update({name: item.metadata.get(name) for name in metadata_columns})
         if index >= 0:
@@ -592,6 +782,7 @@ def prepare_store(
             "index": np.array([r["index"] for r in rows], dtype=np.int64),
             "split": pd.Series([r.get("split") for r in rows], dtype=object),
             "no_masks": pd.Series([r.get("no_masks", "") for r in rows], dtype=object),
+            "same_file_as": pd.Series([r.get("same_file_as", "") for r in rows], dtype=object),
             **{c: pd.array([r.get(c) for r in rows], dtype="Int8") for c in classes},
             **{c: _arrow_safe([r.get(c) for r in rows]) for c in metadata_columns},
             **{c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in fraction_columns},
@@ -619,12 +810,16 @@ def prepare_store(
         *((d, out / dist_file(k)) for d, k in zip(slots.dists, slots.keys, strict=True)),
     ]
     sources_paths = [out / WORK / IMAGES, *(out / WORK / dist_file(k) for k in slots.keys)]
+    if n < m:  # the kept slots are copied beside the provisional ones: check, then reserve, before mapping
+        require_space(out, sum(_npy_bytes((n, *array.shape[1:]), array.dtype) for array, _ in finals),
+                      what=_store_files(out, len(finals) - 1))
     for (array, target), work_path in zip(finals, sources_paths, strict=True):
         if n == m:
             array.flush()
             os.replace(work_path, target)
             continue
         final = np.lib.format.open_memmap(target, mode="w+", dtype=array.dtype, shape=(n, *array.shape[1:]))
+        reserve(target)
         for start in range(0, n, 256):
             final[start : start + 256] = array[kept_slots[start : start + 256]]
         final.flush()

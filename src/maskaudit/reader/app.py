@@ -12,17 +12,26 @@ Routes (every one but the two logins needs a session cookie; anything else gets 
   behind the admin's own session (a reader's session does not open them).
 
 A reader never sees the label, the model's probability, the strategy, the image id or the file name.
+
+Hardening (docs/reliability.md, "Reader app hardening"): a POST is accepted from the configured origins only
+(:func:`origins_for`: ``--base-url`` and the address ``serve`` listens on, never the request's own ``Host``); a
+request body over :data:`MAX_BODY` is refused with 413 before it is read and before any session is looked up
+(:class:`BodyLimit`, on ``Content-Length`` and on the bytes as they stream in); wrong links are throttled per
+client address (:class:`Throttle`: after :data:`THROTTLE_FAILURES` in a minute, 429 for a minute); the CSV
+export neutralises cells that a spreadsheet would read as a formula (:func:`maskaudit.reader.db.answers_csv`).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -35,8 +44,10 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from PIL import Image
+from PIL import Image, ImageOps
+from starlette.datastructures import MutableHeaders
 
+from maskaudit.errors import MaskauditError
 from maskaudit.reader import db
 from maskaudit.reader.study import OPAQUE, image_path, study_paths
 
@@ -57,6 +68,174 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+#: The largest request body accepted (a case's answers are well under 30 KB, with a comment of COMMENT_MAX characters).
+MAX_BODY = 64 * 1024
+#: Wrong links (reader or admin tokens) from one client address within THROTTLE_WINDOW seconds before it is refused
+#: with 429 for THROTTLE_BLOCK seconds; at most THROTTLE_CLIENTS addresses are remembered.
+THROTTLE_FAILURES, THROTTLE_WINDOW, THROTTLE_BLOCK, THROTTLE_CLIENTS = 10, 60.0, 60.0, 4096
+#: The addresses ``serve`` listens on by default: what a browser on the same machine calls them.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(scheme: str, host: str, port: int | None) -> str:
+    """``scheme://host[:port]`` as a browser writes it in ``Origin`` (lower case, no default port, IPv6 in [])."""
+    host = host.lower().strip("[]")
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + ("" if port is None or port == _DEFAULT_PORTS[scheme] else f":{port}")
+
+
+def origins_for(host: str = "127.0.0.1", port: int = 8000, base_url: str | None = None) -> list[str]:
+    """The origins a form may be posted from: ``base_url``'s (the address in the readers' links, e.g. behind an
+    https proxy), and the listening address's (``http://host:port``; each loopback name for a loopback host).
+
+    Raises
+    ------
+    MaskauditError
+        For a ``base_url`` that is no http(s) URL, or a wildcard ``host`` (``0.0.0.0``, ``::``) without one:
+        the listening address names no origin a browser would send.
+    """
+    origins = []
+    if base_url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url.strip())
+        try:
+            url_port = parts.port
+        except ValueError:
+            url_port = -1
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or url_port == -1:
+            raise MaskauditError(f"--base-url {base_url!r}: expected an http(s) address such as "
+                                 "https://reader.example.org or http://10.0.0.5:8000")
+        origins.append(_origin(parts.scheme, parts.hostname, url_port))
+    if host in WILDCARD:
+        if base_url is None:
+            raise MaskauditError(f"--host {host or '(all)'} listens on every address, so it names none that readers "
+                                 "open: give --base-url with the address in their links (e.g. http://10.0.0.5:8000)")
+    else:
+        origins += [_origin("http", name, port) for name in (LOOPBACK if host.lower() in LOOPBACK else (host,))]
+    return list(dict.fromkeys(origins))
+
+
+class SecurityHeaders:
+    """ASGI middleware: :data:`HEADERS` on every response (pages, images, refusals).
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which reads the request body through a task group of
+    its own, so that :class:`BodyLimit`'s refusal reaches the app's handler of :class:`Refused` as it is.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in HEADERS.items():
+                    headers[key] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 without reading it.
+
+    A ``Content-Length`` over the limit is refused before the app runs (so before any session is looked up);
+    a body without one (chunked) is counted as it streams in, and refused as soon as the count passes the
+    limit: nothing more is read from the client.
+    """
+
+    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        if length is not None:
+            if not length.isdigit():
+                await self._refuse(send, 400, "This request's Content-Length is not a number.")
+                return
+            if int(length) > self.limit:
+                await self._refuse(send, 413, "This submission is too large.")
+                return
+        received, started = 0, False
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge(413, "This submission is too large.")
+            return message
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if started:
+                raise
+            await self._refuse(send, 413, "This submission is too large.")
+
+    @staticmethod
+    async def _refuse(send: Callable, status: int, text: str) -> None:
+        body = text.encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in HEADERS.items())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Throttle:
+    """Wrong links per client address: after ``failures`` within ``window`` seconds, refused for ``block`` seconds.
+
+    Memory is bounded: at most ``clients`` addresses are kept (stale ones are dropped first, then the oldest).
+    Thread-safe (the app's routes run in a thread pool).
+    """
+
+    def __init__(self, failures: int = THROTTLE_FAILURES, window: float = THROTTLE_WINDOW,
+                 block: float = THROTTLE_BLOCK, clients: int = THROTTLE_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures, self.window, self.block, self.clients, self.clock = failures, window, block, clients, clock
+        self._seen: OrderedDict[str, tuple[deque[float], float]] = OrderedDict()  # address -> (failures, until)
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        with self._lock:
+            entry = self._seen.get(address)
+            return max(0.0, entry[1] - self.clock()) if entry else 0.0
+
+    def failed(self, address: str) -> None:
+        """Count one wrong link from ``address``."""
+        now = self.clock()
+        with self._lock:
+            times, until = self._seen.pop(address, (deque(maxlen=self.failures), 0.0))
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            times.append(now)
+            if len(times) >= self.failures:
+                times.clear()
+                until = now + self.block
+            self._seen[address] = (times, until)
+            if len(self._seen) > self.clients:  # forget addresses neither blocked nor recently wrong, then the oldest
+                for stale in [a for a, (t, u) in self._seen.items()
+                              if u <= now and (not t or t[-1] <= now - self.window)]:
+                    del self._seen[stale]
+                while len(self._seen) > self.clients:
+                    self._seen.popitem(last=False)
 
 
 #: Pillow modes of 16-bit gray images (PadChest's PNGs, most X-rays exported from DICOM).
@@ -64,14 +243,15 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
 
 def viewer_png(path: str | Path) -> bytes:
-    """The image as the viewer receives it: a PNG with only the pixels (no text chunks, no file name).
+    """The image as the viewer receives it: a PNG with only the pixels (no text chunks, no file name), upright
+    (its EXIF orientation applied, as ``prepare`` does, since the PNG carries no EXIF).
 
     A 16-bit gray image travels as an RGB PNG whose red byte is the value's high byte and green its
     low byte, since browsers decode PNGs to 8 bits per channel: the viewer (``static/app.js``) puts the
     16 bits back together, so window/level works on the image's full depth.
     """
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
         if image.mode in SIXTEEN_BIT:
             values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
             packed = np.stack([values >> 8, values & 0xFF, np.zeros_like(values)], axis=-1).astype(np.uint8)
@@ -84,11 +264,15 @@ def viewer_png(path: str | Path) -> bytes:
 
 
 class Refused(Exception):
-    """Stop a request with a status and a short message (rendered as a page)."""
+    """Stop a request with a status and a short message (rendered as a page), and headers to add to it."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class _TooLarge(Refused):
+    """A request body that passed :data:`MAX_BODY` while streaming in (raised by :class:`BodyLimit`)."""
 
 
 @dataclass(frozen=True)
@@ -98,17 +282,18 @@ class Session:
     csrf: str
 
 
-def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
+def create_app(run_dir: Path, session_days: float = 7.0, origins: Iterable[str] | None = None) -> FastAPI:
     """The app for the study in ``run_dir`` (``RUN/reader/study.sqlite``, made by ``maskaudit reader create``).
 
     A reader's session lasts ``session_days`` (the admin's :data:`ADMIN_SESSION`); after it, or after
-    logging out, the reader opens their link again and goes on where they stopped.
+    logging out, the reader opens their link again and goes on where they stopped. ``origins``: where a form
+    may be posted from (:func:`origins_for`; default that of ``serve``'s defaults, ``http://127.0.0.1:8000``).
     """
     reader_session = timedelta(days=session_days)
+    allowed = frozenset(o.lower().rstrip("/") for o in (origins_for() if origins is None else origins))
+    throttle = Throttle()
     paths = study_paths(run_dir)
     if not paths.db.is_file():
-        from maskaudit.errors import MaskauditError
-
         raise MaskauditError(f"{paths.db} does not exist; run `maskaudit reader create {run_dir} --readers ...` first")
     db_path = paths.db
     with db.opened(db_path) as conn:
@@ -125,19 +310,15 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
     def message(status: int, title: str, text: str, refresh: str | None = None) -> HTMLResponse:
         return page("message.html", status, title=title, text=text, refresh=refresh)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable) -> Response:
-        try:
-            response = await call_next(request)
-        except Refused as exc:  # pragma: no cover - raised inside handlers, caught by the handler below
-            response = message(exc.status, "Not allowed", exc.message)
-        for key, value in HEADERS.items():
-            response.headers[key] = value
-        return response
-
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:
-        return message(exc.status, "Not allowed" if exc.status in (401, 403) else "Not accepted", exc.message)
+        title = {401: "Not allowed", 403: "Not allowed", 429: "Too many attempts"}.get(exc.status, "Not accepted")
+        response = message(exc.status, title, exc.message)
+        response.headers.update(exc.headers)
+        return response
+
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)  # outermost (added last): before the routes and the sessions
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -179,8 +360,7 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
 
     def check_post(request: Request, form: dict[str, str], sess: Session) -> None:
         origin = request.headers.get("origin")
-        host = request.headers.get("host", "")
-        if origin is not None and origin not in (f"http://{host}", f"https://{host}"):  # "null" is refused too
+        if origin is not None and origin.lower() not in allowed:  # "null" is refused too; Host is never trusted
             raise Refused(403, "This form was sent from another site.")
         sent = form.get("csrf", "")
         if not sent or not secrets.compare_digest(sent.encode(), sess.csrf.encode()):
@@ -212,13 +392,25 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
             raise Refused(404, "There is no such case among yours.")
         return row
 
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else ""
+
+    def throttled(request: Request) -> None:
+        """429 while the client's address has had too many wrong links (:class:`Throttle`)."""
+        wait = throttle.retry_after(client_address(request))
+        if wait > 0:
+            raise Refused(429, "Too many wrong links from your address: wait a minute, then open your link again.",
+                          headers={"Retry-After": str(max(1, round(wait)))})
+
     @app.get("/r/{token}")
     def reader_login(token: str, request: Request) -> Response:
+        throttled(request)
         row = None
         if TOKEN.match(token):
             with db.opened(db_path) as conn:
                 row = conn.execute("SELECT id, name FROM readers WHERE token_hash = ?", (db.digest(token),)).fetchone()
         if row is None:
+            throttle.failed(client_address(request))
             raise Refused(403, "This link is not valid. Ask the study's organiser for yours.")
         response = message(200, f"Welcome, {row['name']}", "Opening your first case…", refresh="/")
         set_cookie(response, request, READER_COOKIE, open_session(row["id"]))
@@ -284,7 +476,7 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
         return answers, comment, go
 
     async def read_form(request: Request) -> dict[str, str]:
-        if len(await request.body()) > 64_000:
+        if len(await request.body()) > MAX_BODY:  # BodyLimit has refused anything larger already
             raise Refused(413, "This submission is too large.")
         form: dict[str, str] = {}
         for key, value in (await request.form()).multi_items():
@@ -389,7 +581,9 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
 
     @app.get("/admin/login/{token}")
     def admin_login(token: str, request: Request) -> Response:
+        throttled(request)
         if not (TOKEN.match(token) and secrets.compare_digest(db.digest(token), admin_hash)):
+            throttle.failed(client_address(request))
             raise Refused(403, "This admin link is not valid.")
         response = message(200, "Study admin", "Opening the progress page…", refresh="/admin")
         set_cookie(response, request, ADMIN_COOKIE, open_session(None), path="/")
@@ -411,17 +605,8 @@ def create_app(run_dir: Path, session_days: float = 7.0) -> FastAPI:
     def export(request: Request) -> Response:
         session(request, admin=True)
         with db.opened(db_path) as conn:
-            rows = conn.execute(
-                "SELECT r.name AS reader, a.case_id, c.strategy, c.image_id, a.class, a.answer, a.confidence, "
-                "m.comment, a.updated_at FROM answers a JOIN readers r ON r.id = a.reader_id JOIN cases c "
-                "ON c.id = a.case_id LEFT JOIN comments m ON m.reader_id = a.reader_id AND m.case_id = a.case_id "
-                "ORDER BY r.name, a.case_id, a.class").fetchall()
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["reader", "case_id", "strategy", "image_id", "class", "answer", "confidence", "comment",
-                         "updated_at"])
-        writer.writerows([tuple(r) for r in rows])
-        return PlainTextResponse(out.getvalue(), media_type="text/csv",
+            text = db.answers_csv(conn)
+        return PlainTextResponse(text, media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="reader_answers.csv"'})
 
     return app

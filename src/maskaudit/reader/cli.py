@@ -1,4 +1,9 @@
-"""``maskaudit reader create | serve | analyse``: run a blinded reader study on a run's selected images."""
+"""``maskaudit reader create | serve | analyse``: run a blinded reader study on a run's selected images.
+
+``create`` and ``analyse`` write into the run directory, so they hold its writer lock
+(:mod:`maskaudit.lock`); ``serve`` does not: it may run for weeks beside other commands, and
+the answers it saves go to the study's SQLite database, which has locking of its own.
+"""
 
 from __future__ import annotations
 
@@ -40,11 +45,12 @@ def create(
         "--base-url", help="address the readers will open (as `serve` will listen)")] = "http://127.0.0.1:8000",
 ) -> None:
     """Create the study (or add readers to it): print each reader's personal link once, and the admin's."""
-    from maskaudit.cli import _setup_logging
+    from maskaudit.cli import _setup_logging, writer_lock
     from maskaudit.reader.study import create_study, parse_readers, study_paths
 
-    _setup_logging(study_paths(run_dir).run.log if run_dir.is_dir() else None)
-    links = create_study(run_dir, parse_readers(readers), cases, base_url)
+    with writer_lock(run_dir):
+        _setup_logging(study_paths(run_dir).run.log)
+        links = create_study(run_dir, parse_readers(readers), cases, base_url)
     for name, link in links.items():
         typer.echo(f"{name}\t{link}")
     typer.echo(f"(also written to {study_paths(run_dir).links}, readable by you only; the study keeps only "
@@ -60,19 +66,24 @@ def serve(
     session_days: Annotated[float, typer.Option("--session-days", min=0.01,
                                                 help="how long a reader stays logged in (then: open the link again)")]
     = 7.0,
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="the address in the readers' links when it is not --host:--port (e.g. behind an https "
+                           "proxy): forms are accepted from it and from --host:--port only")] = None,
 ) -> None:
     """Start the web app readers answer in (Ctrl+C stops it; answers are saved as they are given)."""
     import uvicorn
 
     from maskaudit.cli import _setup_logging
-    from maskaudit.reader.app import create_app
+    from maskaudit.reader.app import create_app, origins_for
     from maskaudit.reader.study import study_paths
 
     _setup_logging(study_paths(run_dir).run.log)
-    app = create_app(run_dir, session_days)
+    origins = origins_for(host, port, base_url)
+    app = create_app(run_dir, session_days, origins)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: readers' links travel in clear over http; put it behind https", host)
-    log.info("reader study on http://%s:%d (admin: the admin link printed by `reader create`)", host, port)
+    log.info("reader study on http://%s:%d (admin: the admin link printed by `reader create`); forms accepted "
+             "from %s", host, port, ", ".join(origins))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -80,16 +91,17 @@ def serve(
 @_user_errors
 def analyse(run_dir: RunArg) -> None:
     """Score the answers against the labels, readers' agreement and the models; update the report."""
-    from maskaudit.cli import _setup_logging
+    from maskaudit.cli import _setup_logging, writer_lock
     from maskaudit.pipeline import Audit
     from maskaudit.reader.analyse import analyse_study
     from maskaudit.reader.study import study_paths
 
-    _setup_logging(study_paths(run_dir).run.log)
-    written = analyse_study(run_dir)
-    for path in written.values():
-        typer.echo(f"{path.with_suffix('.csv')}")
-    if study_paths(run_dir).run.config.is_file():
-        audit = Audit.open(run_dir)
-        audit.report(force=True)
-        typer.echo(f"report: {audit.run.report}")
+    with writer_lock(run_dir):
+        _setup_logging(study_paths(run_dir).run.log)
+        written = analyse_study(run_dir)
+        for path in written.values():
+            typer.echo(f"{path.with_suffix('.csv')}")
+        if study_paths(run_dir).run.config.is_file():
+            audit = Audit.open(run_dir)
+            audit.report(force=True)
+            typer.echo(f"report: {audit.run.report}")

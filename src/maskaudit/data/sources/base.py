@@ -15,6 +15,19 @@ import numpy as np
 
 from maskaudit.errors import MaskauditError
 
+#: the longest path a rejection's reason shows whole
+SHOWN_PATH = 160
+
+
+def shown_path(text: str, limit: int = SHOWN_PATH) -> str:
+    """A path as a one-line reason shows it: control characters (a NUL byte) escaped, and a path longer
+    than ``limit`` cut in the middle with its length (the manifest's ``source_path`` keeps it whole)."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]} ({len(text)} characters)"
+
 
 def require_columns(path: Any, found: Iterable[Any], needed: Iterable[str], kind: str = "") -> None:
     """Raise one error naming every needed column the file lacks, and the columns it has."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,7 +20,7 @@ import pandas as pd
 
 from maskaudit.config import FolderData
 from maskaudit.data.imaging import image_header, read_image, read_mask
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns, shown_path
 from maskaudit.errors import MaskauditError
 
 #: The ROI name given to ``mask_column``.
@@ -31,6 +33,13 @@ class FolderKey(NamedTuple):
     row: int
     image: str
     masks: tuple[tuple[str, str], ...]
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular file is (a FIFO would block a reader forever)."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _blank(value: Any) -> bool:
@@ -134,29 +143,63 @@ class FolderSource(Source):
         columns += [*cfg.classes, *cfg.metadata_columns]
         return list(dict.fromkeys(columns))
 
+    def _separator(self) -> str:
+        """The CSV's field separator: ``,``, or ``;`` / tab when the header line has those and no comma (a
+        spreadsheet saved in a locale whose decimal mark is the comma writes ``;``)."""
+        try:
+            with self.csv.open(encoding="utf-8-sig", errors="replace") as handle:
+                header = handle.readline()
+        except OSError as exc:
+            raise MaskauditError(f"{self.csv}: cannot read the labels CSV ({exc})") from None
+        if "," not in header:
+            for other in (";", "\t"):
+                if other in header:
+                    return other
+        return ","
+
     def _read(self, nrows: int | None = None) -> pd.DataFrame:
+        """The labels CSV as text columns: UTF-8 with or without a byte-order mark, its separator detected."""
         cfg = self.config
         as_text = [cfg.image_column, *self._mask_columns.values(), *cfg.classes]
         as_text += [c for c in (cfg.patient_column, cfg.id_column, cfg.split_column) if c is not None]
         try:
-            return pd.read_csv(self.csv, nrows=nrows, dtype=dict.fromkeys(as_text, str))
-        except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise MaskauditError(f"{self.csv}: cannot read the labels CSV ({exc})") from None
+            return pd.read_csv(self.csv, nrows=nrows, dtype=dict.fromkeys(as_text, str), encoding="utf-8-sig",
+                               sep=self._separator())
+        except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:  # e.g. a ragged row
+            raise MaskauditError(f"{self.csv}: cannot read the labels CSV ({' '.join(str(exc).split())})") from None
 
     # ------------------------------------------------------------------------------------ records
 
     def _resolve(self, value: Any, what: str, problems: list[str]) -> Path | None:
-        """An absolute path inside the root, or None with the problem appended."""
+        """An absolute path inside the root naming a regular file, or None with the problem appended.
+
+        What the OS says about one row's path (a symlink loop, a name too long, a NUL byte, a
+        component that is a file, permission denied) is that row's problem, with the OS's reason:
+        ``unreadable image: <path>: <reason>``; never an error that stops the dataset.
+        """
         if _blank(value):
             problems.append(f"empty {what} path")
             return None
         text = str(value).strip()
-        path = (self.root / text).resolve()
-        if not path.is_relative_to(self.root):
-            problems.append(f"{what} path leaves the data folder {self.root}: {text}")
+        shown = shown_path(text)
+        try:
+            path = (self.root / text).resolve()
+            if not path.is_relative_to(self.root):
+                problems.append(f"{what} path leaves the data folder {self.root}: {shown}")
+                return None
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            problems.append(f"{what} file not found: {shown}")
             return None
-        if not path.is_file():
-            problems.append(f"{what} file not found: {text}")
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: pathlib's "Symlink loop" (Python < 3.13)
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+            problems.append(f"unreadable {what}: {shown}: {reason}")
+            return None
+        if stat.S_ISDIR(mode):
+            problems.append(f"unreadable {what}: {shown}: is a directory, not a file")
+            return None
+        if not stat.S_ISREG(mode):
+            problems.append(f"unreadable {what}: {shown}: not a regular file ({_file_kind(mode)})")
             return None
         return path
 
