@@ -162,8 +162,8 @@ def test_a_forked_child_is_another_writer(tmp_path: Path):
 
 @pytest.mark.slow
 def test_cli_second_writer_exits_1_naming_the_first_then_runs_after_it_was_killed(tmp_path: Path):
-    cfg = tmp_path / "audit.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 8, "patience": 8}}))
+    cfg = tmp_path / "audit.yaml"  # long enough to outlast the checks below on a loaded machine; killed anyway
+    cfg.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2000, "patience": 2000}}))
     run = tmp_path / "run"
     first = _maskaudit("run", str(cfg), "--out", str(run), wait=False, session=True)
     try:
@@ -187,7 +187,9 @@ def test_cli_second_writer_exits_1_naming_the_first_then_runs_after_it_was_kille
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
         first.stderr.close()
-    again = _maskaudit("run", str(cfg), "--out", str(run))  # takes over the killed run's lock and finishes it
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(TINY))
+    again = _maskaudit("run", str(short), "--out", str(run))  # takes over the killed run's lock and finishes
     assert again.returncode == 0, again.stderr
     assert (run / "report.html").is_file() and holder(run) is None
 
