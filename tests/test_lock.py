@@ -15,24 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import TINY
 from typer.testing import CliRunner
 
 from maskaudit.cli import app
 from maskaudit.errors import MaskauditError
 from maskaudit.lock import LOCK_FILE, holder, run_lock
 
-TINY = {
-    "data": {"source": "synthetic", "kind": "cxr", "n_patients": 24, "images_per_patient": [1, 2],
-             "classes": {"opacity": {"signal": "roi"}, "device": {"signal": "outside"}}},
-    "image_size": 32,
-    "strategies": ["full", "no_roi", "only_roi"],
-    "folds": 2,
-    "seed": 7,
-    "model": {"arch": "small_cnn", "weights": "none", "freeze": "none"},
-    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "patience": 2},
-    "workers": 1,
-    "analyses": {"run": []},
-}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 HOLD = """
 import sys, time
