@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from maskaudit.cli import app
 from maskaudit.errors import MaskauditError
+from maskaudit.lock import run_lock
 from maskaudit.rundir import read_json
 from maskaudit.runstatus import format_status, run_status, show_status
 
@@ -100,8 +101,11 @@ def test_an_interrupted_job(finished: Path, tmp_path: Path):
     assert status.stage("train").note == "but 1 job not finished (full/fold_0)"
     assert format_status(status).splitlines()[-1].startswith("3 done, 1 interrupted (of 4 jobs); ")
 
-    os.utime(job / "last.pt")  # an epoch just finished: running
-    running = run_status(run).job("full", 0)
+    os.utime(job / "last.pt")  # an epoch just finished, but no command holds the run's lock: it was killed
+    killed = run_status(run).job("full", 0)
+    assert killed.state == "interrupted" and killed.note.endswith("; run the same command again to resume it")
+    with run_lock(run, "maskaudit train"):  # a writer at work: running
+        running = run_status(run).job("full", 0)
     assert running.state == "running" and re.fullmatch(r"started \S+ (s|min) ago, last epoch \S+ s ago", running.note)
 
 

@@ -18,8 +18,9 @@ What it can and cannot tell:
   fingerprints and redoes exactly what changed.
 - **Jobs** (training): done (``job.json`` and ``model.pt``, no ``last.pt``), with epochs, best
   validation loss and training time; running or interrupted (a ``last.pt``, or a folder with a
-  history but no model), told apart by how long ago its files last changed: within three times the
-  run's typical epoch time (at least 10 min) it is called running; "last epoch 12 min ago" says
+  history but no model): running while a command holds the run directory's lock
+  (:mod:`maskaudit.lock`; the lock dies with its holder) and its files changed within three times
+  the run's typical epoch time (at least 10 min), else interrupted; "last epoch 12 min ago" says
   which; incomplete (``job.json`` without ``model.pt``); not started. A job's fingerprint is not
   checked, so a job trained under an older config still reads as done.
 """
@@ -40,6 +41,7 @@ import yaml
 
 from maskaudit.config import ANALYSES
 from maskaudit.errors import MaskauditError
+from maskaudit.lock import holder
 from maskaudit.progress import format_duration
 from maskaudit.rundir import RunDir
 
@@ -221,7 +223,9 @@ def _started(folder: Path) -> datetime | None:
 
 
 def _train_job(run: RunDir, strategy: str, fold: int, max_epochs: int | None, now: datetime,
-               running_within: float) -> JobStatus:
+               running_within: float, written: bool = True) -> JobStatus:
+    """One training job's state; ``written``: some command holds the run directory's lock (without one, an
+    unfinished job is interrupted, however recent its files)."""
     folder = run.job(strategy, fold)
     base = {"strategy": strategy, "fold": fold, "max_epochs": max_epochs}
     if not folder.is_dir():
@@ -245,7 +249,7 @@ def _train_job(run: RunDir, strategy: str, fold: int, max_epochs: int | None, no
     # a checkpoint of an unfinished job (or a first epoch under way): running, or stopped
     epoch_time = _mtime(last) or _mtime(history)
     age = (now - (changed or now)).total_seconds()
-    state = "running" if age <= running_within else "interrupted"
+    state = "running" if written and age <= running_within else "interrupted"
     started = _started(folder)
     note = f"started {format_duration((now - started).total_seconds())} ago, " if started else ""
     if epochs and epoch_time is not None:
@@ -359,7 +363,8 @@ def run_status(run_dir: Path, now: datetime | None = None) -> RunStatus:
         first = [_train_job(run, s, k, epochs, now, math.inf) for s, k in grid]
         typical = _typical_epoch(first)
         within = max(RUNNING_WITHIN, 3 * typical) if typical else RUNNING_WITHIN
-        jobs = [_train_job(run, s, k, epochs, now, within) if j.state == "running" else j
+        written = holder(run.root) is not None  # a writer at work (the lock dies with its holder)
+        jobs = [_train_job(run, s, k, epochs, now, within, written) if j.state == "running" else j
                 for (s, k), j in zip(grid, first, strict=True)]
     notes = []
     if config is None:
