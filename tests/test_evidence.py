@@ -84,6 +84,12 @@ def test_a_fold_at_chance_on_its_validation_images(auc, low, high, flagged):
         assert flags["text"].iloc[0].startswith("Fold 1's full model is ")
 
 
+def test_a_masked_model_at_chance_is_the_finding_not_weak_evidence():
+    """A no_roi model at chance on validation is what a class with its evidence inside the ROI gives."""
+    flags = evidence_flags(None, _val([("full", 0, 0.95, 0.9, 1.0, 30, 30), ("no_roi", 0, 0.5, 0.35, 0.65, 30, 30)]))
+    assert flags.empty
+
+
 def test_the_validation_chance_margin_is_a_config_value():
     val = _val([("full", 0, 0.58, 0.52, 0.64, 40, 40)])
     assert evidence_flags(None, val).empty

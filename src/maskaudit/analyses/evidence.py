@@ -12,7 +12,9 @@ the thresholds of ``analyses.verdict.evidence``:
                     negatives above positives.
 ``below_chance``    an AUC under 0.5 − ``chance_margin`` whose CI still reaches 0.5: reversed scores or
                     chance, the images cannot tell which (the COVID hold-out's 0.29 [0.07, 0.51]).
-``val_chance``      a fold's model at chance on its own validation images (its own masking): the CI's
+``val_chance``      a fold's full model at chance on its validation images (only the full model: a masked
+                    model at chance is what removing the evidence gives, the finding itself, as long as
+                    the full model learnt the class): the CI's
                     lower bound is at most 0.5, *or* the AUC is below 0.5 + ``chance_margin`` (0.05). The
                     CI catches small validation sets, where a model that learnt nothing can score 0.67;
                     the margin catches large ones, where a CI excludes 0.5 at 0.53 although fewer than
@@ -140,8 +142,15 @@ def at_chance(auc: float, ci_low: float, rules: EvidenceConfig) -> bool:
 
 
 def _val_chance(by_fold: pd.DataFrame, rules: EvidenceConfig) -> list[dict]:
-    """``val_chance`` flags: each fold's model on its own masking of its validation images."""
-    own = by_fold[(by_fold["split"] == "val") & (by_fold["train_strategy"] == by_fold["test_strategy"])]
+    """``val_chance`` flags: each fold's *full* model on its validation images.
+
+    Only the full model's: it says whether the class could be learnt at all with this data and training
+    length. A masked model at chance is what a masking that removes the evidence should give (the no_roi
+    model of a class whose evidence is inside the ROI): that is the finding, not weak evidence, and is read
+    as such as long as the full model learnt the class.
+    """
+    own = by_fold[(by_fold["split"] == "val") & (by_fold["train_strategy"] == "full")
+                  & (by_fold["test_strategy"] == "full")]
     flags = []
     for _, r in own.iterrows():
         if not at_chance(r["auc"], r["ci_low"], rules):
