@@ -394,6 +394,8 @@ class ReportConfig(Strict):
 
 #: The analyses, in the order they run (SPEC §6, §8); ``verdict`` reads the others.
 ANALYSES = ("baseline", "explain", "embed", "sweep", "reader", "verdict")
+#: Every stage of an audit, in order (:mod:`maskaudit.pipeline` runs them; ``maskaudit status`` reads them).
+STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
 #: A (training strategy, test strategy) pair: one model scored on one masking. In a probe, the first is a
 #: probed model's name.

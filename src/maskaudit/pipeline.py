@@ -34,7 +34,6 @@ from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_t
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
 
 def _hash(*parts: object) -> str:

@@ -39,14 +39,11 @@ from typing import Any
 
 import yaml
 
-from maskaudit.config import ANALYSES
+from maskaudit.config import ANALYSES, STAGES
 from maskaudit.errors import MaskauditError
 from maskaudit.lock import holder
 from maskaudit.progress import format_duration
 from maskaudit.rundir import RunDir
-
-#: The pipeline's stages in order (:data:`maskaudit.pipeline.STAGES`, spelt out: that module imports torch).
-STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
 #: The stages whose inputs each stage's fingerprint includes (see :meth:`maskaudit.pipeline.Audit.fingerprint`).
 DEPENDS: dict[str, tuple[str, ...]] = {

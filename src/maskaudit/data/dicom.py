@@ -76,6 +76,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from maskaudit.data.imaging import _wide_to_uint16, multi_frame
 from maskaudit.errors import MaskauditError
 
 try:  # pydicom >= 3
@@ -209,9 +210,7 @@ def decode(path: Path, head: bytes) -> tuple[Dataset, np.ndarray, str]:
         raise MaskauditError(f"{path}: DICOM file has no pixel data (modality/SOP class: {kind})")
     rows, columns, samples, frames = geometry(ds, path)
     if frames > 1:
-        raise MaskauditError(
-            f"{path}: multi-frame DICOM ({frames} frames) is not supported; export each frame as its own file"
-        )
+        raise MaskauditError(multi_frame(path, frames))
     _check_size(path, rows, columns)
     ts = _transfer_syntax(ds)
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
@@ -304,8 +303,6 @@ def _gray(ds: Dataset, stored: np.ndarray, window: Window, path: Path) -> tuple[
         else:
             values = high - values.astype(np.float64)
         low, high = 0.0, high - low
-    from maskaudit.data.imaging import _wide_to_uint16
-
     if low >= 0 and high <= 255:
         if values.dtype == np.uint8:
             return np.ascontiguousarray(values), 255

@@ -53,6 +53,11 @@ class ImageHeader:
     kind: str
 
 
+def multi_frame(path: Path | str, frames: int) -> str:
+    """Why a multi-frame DICOM file is refused (its decoding and header checks say the same)."""
+    return f"{path}: multi-frame DICOM ({frames} frames) is not supported; export each frame as its own file"
+
+
 def _head(path: Path) -> bytes:
     """The first bytes of ``path`` (to recognise DICOM); MaskauditError when it is missing or unreadable."""
     if not path.is_file():

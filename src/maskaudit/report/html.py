@@ -711,7 +711,7 @@ def software_versions() -> list[tuple[str, str]]:
 
 def stage_rows(stages: dict, config: AuditConfig) -> list[dict]:
     """One row per stage: when it finished, its seconds and notes, or why it did not run."""
-    from maskaudit.pipeline import STAGES
+    from maskaudit.config import STAGES
 
     skip = {"fingerprint", "finished", "seconds", "inputs"}
     rows = []

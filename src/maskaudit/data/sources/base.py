@@ -19,6 +19,15 @@ from maskaudit.errors import MaskauditError
 SHOWN_PATH = 160
 
 
+def mask_size_mismatch(mask: object, mask_hw: tuple[int, ...], image: object, image_hw: tuple[int, ...],
+                       where: str = "") -> str:
+    """The store's ``mask size mismatch`` reason when a mask's (height, width) differs from its image's, else ""."""
+    if tuple(mask_hw) == tuple(image_hw):
+        return ""
+    return (f"mask size mismatch: {mask} is {mask_hw[1]}x{mask_hw[0]} but image {image} is {image_hw[1]}x{image_hw[0]}"
+            + (f" ({where})" if where else ""))
+
+
 def shown_path(text: str, limit: int = SHOWN_PATH) -> str:
     """A path as a one-line reason shows it: control characters (a NUL byte) escaped, and a path longer
     than ``limit`` cut in the middle with its length (the manifest's ``source_path`` keeps it whole)."""

@@ -47,7 +47,7 @@ import pandas as pd
 
 from maskaudit.config import ChaksuData
 from maskaudit.data.imaging import image_header, read_image
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source
+from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, mask_size_mismatch
 from maskaudit.data.sources.padchest import blank
 from maskaudit.errors import MaskauditError
 
@@ -78,13 +78,6 @@ def patient_of(camera: str, stem: str) -> str:
     """Bosch names ``PXX_…`` → ``PXX``, else the file stem; prefixed by the camera (SPEC §1)."""
     match = _BOSCH_PATIENT.match(stem) if camera.lower() == "bosch" else None
     return f"{camera}/{match.group(1).upper() if match else stem}"
-
-
-def _size_mismatch(key: ChaksuKey, mask: tuple[int, ...], image: tuple[int, ...]) -> str:
-    """The ``mask size mismatch`` reason for (height, width) sizes that differ, else ""."""
-    if tuple(mask) == tuple(image):
-        return ""
-    return f"mask size mismatch: {key.mask} is {mask[1]}x{mask[0]} but image {key.image} is {image[1]}x{image[0]}"
 
 
 def same_camera(folder: str, camera: str) -> bool:
@@ -296,7 +289,7 @@ class ChaksuSource(Source):
             image, mask = image_header(Path(key.image)), image_header(Path(key.mask))
         except MaskauditError as exc:
             return f"unreadable image or mask: {exc}"
-        return _size_mismatch(key, (mask.height, mask.width), (image.height, image.width))
+        return mask_size_mismatch(key.mask, (mask.height, mask.width), key.image, (image.height, image.width))
 
     def load(self, record: Record) -> Loaded:
         """The RGB image, and ``disc`` / ``cup`` from the STAPLE fusion mask.
@@ -309,7 +302,7 @@ class ChaksuSource(Source):
         key: ChaksuKey = record.key
         image = read_image(Path(key.image), "rgb")
         gray = read_image(Path(key.mask), "gray")
-        why = _size_mismatch(key, gray.shape, image.shape[:2])
+        why = mask_size_mismatch(key.mask, gray.shape, key.image, image.shape[:2])
         if why:
             raise MaskauditError(why)
         peak = int(gray.max())

@@ -19,8 +19,16 @@ import numpy as np
 import pandas as pd
 
 from maskaudit.config import FolderData
-from maskaudit.data.imaging import image_header, read_image, read_mask
-from maskaudit.data.sources.base import Loaded, Record, Rejected, Source, require_columns, shown_path
+from maskaudit.data.imaging import image_header, multi_frame, read_image, read_mask
+from maskaudit.data.sources.base import (
+    Loaded,
+    Record,
+    Rejected,
+    Source,
+    mask_size_mismatch,
+    require_columns,
+    shown_path,
+)
 from maskaudit.errors import MaskauditError
 
 #: The ROI name given to ``mask_column``.
@@ -282,17 +290,13 @@ class FolderSource(Source):
             return f"unreadable image or mask: {exc}"
         for path, header in headers:
             if header.kind == "dicom" and header.frames > 1:
-                return (f"unreadable image or mask: {path}: multi-frame DICOM ({header.frames} frames) is not "
-                        "supported; export each frame as its own file")
+                return f"unreadable image or mask: {multi_frame(path, header.frames)}"
         image = headers[0][1]
         for mask_path, mask in headers[1:]:
             if (mask.height, mask.width) != (image.height, image.width):
-                return self._size_mismatch(mask_path, (mask.height, mask.width), key, (image.height, image.width))
+                return mask_size_mismatch(mask_path, (mask.height, mask.width), key.image,
+                                          (image.height, image.width), f"{self.csv.name} row {key.row}")
         return ""
-
-    def _size_mismatch(self, mask_path: str, mask: tuple[int, int], key: FolderKey, image: tuple[int, int]) -> str:
-        return (f"mask size mismatch: {mask_path} is {mask[1]}x{mask[0]} but image {key.image} is "
-                f"{image[1]}x{image[0]} ({self.csv.name} row {key.row})")
 
     def load(self, record: Record) -> Loaded:
         """Decode the record's image and masks.
@@ -307,7 +311,9 @@ class FolderSource(Source):
         rois: dict[str, np.ndarray] = {}
         for roi, mask_path in key.masks:
             mask = read_mask(Path(mask_path))
-            if mask.shape != image.shape[:2]:
-                raise MaskauditError(self._size_mismatch(mask_path, mask.shape, key, image.shape[:2]))
+            why = mask_size_mismatch(mask_path, mask.shape, key.image, image.shape[:2],
+                                     f"{self.csv.name} row {key.row}")
+            if why:
+                raise MaskauditError(why)
             rois[roi] = mask
         return Loaded(image=image, rois=rois)
