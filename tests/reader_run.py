@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from maskaudit.analyses.stages import run_reader
+from maskaudit.analyses.run import run_reader
 from maskaudit.config import config_from_dict
 from maskaudit.pipeline import Audit
 
@@ -20,8 +20,8 @@ def make_run(root: Path) -> Path:
     audit = Audit.create(root, config_from_dict(config))
     audit.prepare()
     audit.split()
-    store = audit.store()
-    splits = audit.splits(store)
+    ctx = audit.context("reader")
+    store, splits = ctx.store, ctx.splits
     ids = store.kept.set_index("index").loc[splits.test, "image_id"].astype(str).to_numpy()
     labels = store.labels[splits.test]
     rng = np.random.default_rng(0)
@@ -35,5 +35,5 @@ def make_run(root: Path) -> Path:
                                               "fold": fold, "test_strategy": test, "image_id": ids, "class": name,
                                               "label": labels[:, k], "probability": probs}))
     pd.concat(rows, ignore_index=True).to_parquet(audit.run.predictions, index=False)
-    run_reader(audit)
+    run_reader(ctx)
     return root

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from maskaudit.analyses.baseline import baseline_predictions, encode
 from maskaudit.analyses.embeddings import cosine_table, tsne_points
 from maskaudit.analyses.reader_selection import blinded_name, select_cases
-from maskaudit.analyses.verdict import PROBE_CAVEAT, class_verdict, probe_evidence
+from maskaudit.analyses.verdict import class_verdict
 from maskaudit.cli import app
 from maskaudit.config import VerdictConfig
+from maskaudit.probe_audit import PROBE_CAVEAT, PROBE_READING
 from maskaudit.rundir import read_json
+from maskaudit.strategies import probe_cells
 
 RULES = VerdictConfig()
 
@@ -82,7 +84,7 @@ def test_probe_verdict_reads_the_probed_models_own_cells(aucs, expected):
     full, outside, inside = aucs
     cells = _cells({("m", "full"): full, ("m", "no_roi_bbox"): outside, ("m", "only_roi"): inside,
                     ("full", "full"): 0.5, ("no_roi_bbox", "no_roi_bbox"): 0.99, ("roi_shape", "roi_shape"): 0.99})
-    row = class_verdict(cells, RULES, evidence_cells=probe_evidence("m"))
+    row = class_verdict(cells, RULES, evidence_cells=probe_cells("m"), words=PROBE_READING)
     assert row["verdict"] == expected and row["full_cell"] == "m→full" and row["shape_cell"] == ""
     assert row["reading"].endswith(PROBE_CAVEAT)
     assert ("below chance" in row["reading"]) == (inside < 0.45)  # a reversed masked cell is pointed out
@@ -93,7 +95,7 @@ def test_probe_inside_evidence_is_the_better_of_the_two_roi_maskings():
     [0.49, 0.76], only_roi_bbox 0.85) reads as roi, not unclear; outside keeps no_roi_bbox first."""
     cells = _cells({("m", "full"): 0.99, ("m", "only_roi"): 0.63, ("m", "only_roi_bbox"): 0.85,
                     ("m", "no_roi_bbox"): 0.43, ("m", "no_roi"): 0.95}, half_width=0.13)
-    row = class_verdict(cells, RULES, evidence_cells=probe_evidence("m"))
+    row = class_verdict(cells, RULES, evidence_cells=probe_cells("m"), words=PROBE_READING)
     assert (row["verdict"], row["inside_cell"], row["outside_cell"]) == ("roi", "m→only_roi_bbox", "m→no_roi_bbox")
 
 

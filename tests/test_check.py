@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from maskaudit.cli import app
 from maskaudit.config import config_from_dict
-from maskaudit.data.check import CHECK_FILE, check_config, check_source, read_check, summarise
+from maskaudit.data.check import check_config, check_source, read_check, summarise
 from maskaudit.data.sources.base import Record, Rejected
 from maskaudit.data.sources.folder import FolderSource
 from maskaudit.pipeline import Audit
@@ -278,7 +278,7 @@ def test_prepare_keeps_the_same_check_and_the_report_shows_it(cxr_copy: Path, tm
     expected = check_config(config)
     audit = Audit.create(tmp_path / "run", config)
     audit.prepare()
-    kept = read_check(audit.run.prepared)
+    kept = read_check(audit.run.check("main"))
     assert kept is not None and kept.warnings == expected[0].warnings
     assert kept.reasons == expected[0].reasons == {"image file not found": 31, "mask size mismatch": 1}
     assert "projection AP Supine: all 28 rows rejected: image file not found 28" in kept.warnings
@@ -286,10 +286,10 @@ def test_prepare_keeps_the_same_check_and_the_report_shows_it(cxr_copy: Path, tm
     assert not any(w.startswith("projection AP:") for w in kept.warnings)
     assert (kept.found, kept.kept, kept.reasons, kept.groups, kept.balance) == (
         expected[0].found, expected[0].kept, expected[0].reasons, expected[0].groups, expected[0].balance)
-    external = read_check(audit.run.external("plain"))
+    external = read_check(audit.run.check("plain"))
     assert external is not None and external.dataset == "plain" and external.external
     assert external.warnings == expected[1].warnings
-    assert (audit.run.external("plain") / CHECK_FILE).is_file()
+    assert audit.run.check("plain").is_file()
     audit.report()
     html = audit.run.report.read_text()
     for warning in kept.warnings:

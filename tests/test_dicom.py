@@ -20,7 +20,8 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
 
 from maskaudit.config import DicomOptions, FolderData, config_from_dict
-from maskaudit.data.imaging import ImageHeader, _wide_to_uint16, image_header, read_image, read_mask, resize_pad
+from maskaudit.data.imaging import ImageHeader, image_header, read_image, read_mask, resize_pad
+from maskaudit.data.pixels import wide_to_uint16
 from maskaudit.data.sources.base import Record, Rejected
 from maskaudit.data.sources.folder import FolderSource
 from maskaudit.data.store import prepare_store, to_pixels
@@ -88,7 +89,7 @@ def test_mr_window_auto_applies_the_files_window() -> None:
     path = shipped("MR_small.dcm")
     ds = pydicom.dcmread(path)
     assert "WindowCenter" in ds and "WindowWidth" in ds
-    expected = _wide_to_uint16(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds))
+    expected = wide_to_uint16(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds))
     out = read_image(path, "gray", dicom=AUTO)
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(read_image(path), out)  # auto is the default
@@ -107,15 +108,15 @@ def test_ct_rescale_is_applied_before_the_window() -> None:
     assert float(ds.RescaleIntercept) != 0 and "WindowCenter" not in ds
     hu = apply_modality_lut(ds.pixel_array, ds)
     assert hu.min() < 0  # Hounsfield units: negative, so mapped linearly onto 0..65535
-    np.testing.assert_array_equal(read_image(ct_small, dicom=AUTO), _wide_to_uint16(hu))
+    np.testing.assert_array_equal(read_image(ct_small, dicom=AUTO), wide_to_uint16(hu))
     # a CT slice with rescale and window: the window is in rescaled (HU) units
     path = shipped("17106")
     ds = pydicom.dcmread(path)
     assert ds.Modality == "CT" and float(ds.RescaleIntercept) == -1024 and "WindowCenter" in ds
-    expected = _wide_to_uint16(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds))
+    expected = wide_to_uint16(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds))
     out = read_image(path, dicom=AUTO)
     np.testing.assert_array_equal(out, expected)
-    assert not np.array_equal(out, _wide_to_uint16(apply_voi_lut(ds.pixel_array.astype(float), ds)))
+    assert not np.array_equal(out, wide_to_uint16(apply_voi_lut(ds.pixel_array.astype(float), ds)))
 
 
 def test_rescale_with_integral_results_is_kept_exactly(tmp_path: Path) -> None:
@@ -131,9 +132,9 @@ def test_monochrome1_cr_is_inverted() -> None:
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     top = (2**12 - 1) * slope + intercept  # max of the stored range after rescale
     rescaled = apply_modality_lut(ds.pixel_array, ds)
-    np.testing.assert_array_equal(read_image(path, dicom=NONE), _wide_to_uint16(top - rescaled))
+    np.testing.assert_array_equal(read_image(path, dicom=NONE), wide_to_uint16(top - rescaled))
     windowed = apply_voi_lut(rescaled, ds)  # pydicom maps the window onto the same range
-    np.testing.assert_array_equal(read_image(path, dicom=AUTO), _wide_to_uint16(top - windowed))
+    np.testing.assert_array_equal(read_image(path, dicom=AUTO), wide_to_uint16(top - windowed))
 
 
 def test_monochrome1_is_max_minus_v_and_mirrors_monochrome2(tmp_path: Path) -> None:
@@ -235,7 +236,7 @@ def test_compressed_files_decode_like_pydicom(name: str) -> None:
     if ds.SamplesPerPixel == 3:
         np.testing.assert_array_equal(read_image(path, "rgb"), ds.pixel_array)
     else:
-        np.testing.assert_array_equal(read_image(path, dicom=NONE), _wide_to_uint16(ds.pixel_array))
+        np.testing.assert_array_equal(read_image(path, dicom=NONE), wide_to_uint16(ds.pixel_array))
 
 
 def test_no_installed_decoder_names_the_syntax_and_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,7 +256,7 @@ def test_a_file_no_installed_decoder_manages_fails_clearly() -> None:
     path = shipped("JPEG-lossy.dcm")  # 12-bit JPEG Extended that libjpeg rejects; GDCM reads it
     if decodable(path):
         ds = pydicom.dcmread(path)
-        np.testing.assert_array_equal(read_image(path, dicom=NONE), _wide_to_uint16(ds.pixel_array))
+        np.testing.assert_array_equal(read_image(path, dicom=NONE), wide_to_uint16(ds.pixel_array))
         return
     with pytest.raises(MaskauditError) as excinfo:
         read_image(path)
@@ -481,7 +482,7 @@ def test_folder_source_passes_the_window_option(tmp_path: Path) -> None:
         loaded[window] = source.load(record).image
     ds = dataset("MR_small.dcm")
     np.testing.assert_array_equal(loaded["none"], ds.pixel_array)
-    np.testing.assert_array_equal(loaded["auto"], _wide_to_uint16(apply_voi_lut(ds.pixel_array, ds)))
+    np.testing.assert_array_equal(loaded["auto"], wide_to_uint16(apply_voi_lut(ds.pixel_array, ds)))
     assert not any(isinstance(item, Rejected) for item in source.records())
 
 

@@ -111,7 +111,7 @@ def test_the_option_reaches_prepare_through_the_config(labels_csv: Path, tmp_pat
     default.prepare()
     warn.prepare()
     assert default.store().n == 3 and warn.store().n == 5
-    kept = read_check(warn.run.prepared)
+    kept = read_check(warn.run.check("main"))
     assert kept is not None and kept.flagged == {"kept: same image file as an earlier row": 2}
 
 

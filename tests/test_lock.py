@@ -221,16 +221,16 @@ def test_readers_work_while_a_writer_holds_the_lock_and_writers_are_refused(tmp_
 
 
 def test_job_functions_never_take_the_lock(tmp_path: Path, done: Path):
-    """What a Ray worker runs (``run_train_job``, ``run_predict_job``) writes its job folder under the driver's
-    lock: while another process holds it, the job functions still run."""
-    from maskaudit.pipeline import run_predict_job, run_train_job
+    """What a Ray worker runs (``run_job`` of the model and predictions parts) writes its job folder under the
+    driver's lock: while another process holds it, the job functions still run."""
+    from maskaudit.pipeline import Audit, run_job
 
     run = tmp_path / "run"
     shutil.copytree(done, run)
     driver = _hold(run, "maskaudit train --out run (the driver)")
     try:
-        assert run_train_job(str(run), "full", 0)
-        assert run_predict_job(str(run), "full", 0) is not None
+        assert run_job(Audit, str(run), "model", "full", 0)
+        assert run_job(Audit, str(run), "predictions", "full", 0) is not None
         assert holder(run)["pid"] == driver.pid
     finally:
         _kill(driver)

@@ -88,12 +88,13 @@ def test_registering_a_name_twice_is_refused() -> None:
         MODELS.pop(name, None)
 
 
-def test_bad_sizes_are_user_errors() -> None:
-    with pytest.raises(MaskauditError, match="1 or 3 channels"):
+def test_bad_sizes_are_programming_errors() -> None:
+    """No data source gives these sizes: a caller's mistake (ValueError, with its traceback), not a user's."""
+    with pytest.raises(ValueError, match="1 or 3 channels"):
         make(in_channels=2)
-    with pytest.raises(MaskauditError, match="at least one class"):
+    with pytest.raises(ValueError, match="at least one class"):
         make("small_cnn", n_classes=0)
-    with pytest.raises(MaskauditError, match="built for 1-channel"):
+    with pytest.raises(ValueError, match="built for 1-channel"):
         make("small_cnn")(images(channels=3))
 
 

@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 from maskaudit.cli import app
 from maskaudit.config import config_from_dict, load_config
 from maskaudit.errors import MaskauditError
+from maskaudit.kinds import audit_class, open_audit
 from maskaudit.models import ModelConfig, build_model, load_checkpoint
-from maskaudit.pipeline import Audit
+from maskaudit.rundir import RunDir
 
 
 def _cli(*args: str, code: int = 0) -> str:
@@ -137,7 +138,7 @@ def test_a_probe_run_again_is_skipped_and_a_changed_weights_file_redoes_it(train
     stamps = (probed / "stages.json").read_text()
     _cli("probe", str(probed.parent / "probe.yaml"), "--out", str(probed))
     assert (probed / "stages.json").read_text() == stamps  # nothing redone
-    audit = Audit.open(probed)
+    audit = open_audit(probed)
     assert audit.is_done("predict")
     weights = trained / "jobs" / "full" / "fold_0" / "model.pt"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
@@ -163,12 +164,14 @@ def test_probe_config_errors_name_the_key():
     with pytest.raises(MaskauditError, match="strategy's name"):
         config_from_dict({**TINY, "models": [{"name": "full", "source": "torchxrayvision", "weights": "x"}]})
     one = config_from_dict({**TINY, "model": {"source": "torchxrayvision", "weights": "densenet121-res224-all"}})
-    assert one.train_strategies == ["densenet121-res224-all"] and one.model_folds == [0]
+    plan = audit_class(one)(RunDir(Path("unused")), one).plan()
+    assert one.kind == "probe" and plan.models == ["densenet121-res224-all"] and plan.model_folds == [0]
     assert one.models[0].input.size == 224 and one.models[0].input.range == (-1024, 1024)  # xrv's, written out
-    assert one.embed_model == "densenet121-res224-all" and one.sweep_models == one.train_strategies
+    assert plan.embed_model == "densenet121-res224-all" and plan.sweep_models == plan.models
     sealed = config_from_dict({**TINY, "models": [{"name": "m", "source": "onnx", "file": __file__,
                                                    "output": {"names": ["a"]}}]})
-    assert sealed.embed_model is None  # nothing to hook: the embed analysis says so instead of failing
+    # nothing to hook: the embed analysis says so instead of failing
+    assert audit_class(sealed)(RunDir(Path("unused")), sealed).plan().embed_model is None
 
 
 def test_torchxrayvision_densenet_probes_real_xrays_end_to_end(cxr_dir: Path, tmp_path: Path):

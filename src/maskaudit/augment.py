@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskaudit.config import AugmentConfig
-from maskaudit.errors import MaskauditError
 
 __all__ = ["augment_batch", "draw_parameters", "rotate_batch"]
 
@@ -102,8 +101,8 @@ def augment_batch(images: Tensor, config: AugmentConfig, generator: torch.Genera
 
     Raises
     ------
-    MaskauditError
-        If ``images`` is not a 4-d floating-point tensor.
+    ValueError
+        If ``images`` is not a 4-d floating-point tensor (a caller's mistake, not a user's).
 
     Examples
     --------
@@ -112,7 +111,7 @@ def augment_batch(images: Tensor, config: AugmentConfig, generator: torch.Genera
     torch.Size([4, 1, 32, 32])
     """
     if images.dim() != 4 or not images.is_floating_point():
-        raise MaskauditError(
+        raise ValueError(
             "augment_batch expects float images of shape (B, C, S, S), "
             f"got {images.dtype} {tuple(images.shape)}"
         )

@@ -1,36 +1,38 @@
 """The ``maskaudit`` command: the whole audit (``run``, ``demo``) and each of its stages alone.
 
 A thin layer over :class:`maskaudit.pipeline.Audit`: it parses arguments, sets up logging
-into the run directory, and turns a :class:`MaskauditError` into one line and exit code 1.
+into the run directory, and turns a :class:`MaskauditError` into one line and exit code 1
+(:func:`maskaudit.cli_common.user_errors`); any other exception keeps its traceback.
 
 Every command that writes into a run directory holds its lock (:mod:`maskaudit.lock`) while it
 runs, so a second writer on the same directory stops at once with one line naming the first;
 ``status``, ``check`` and ``report --compare`` only read and never take it.
 
-It answers ``--help`` at once: at import it loads only typer, rich and stdlib (and
-:mod:`maskaudit.errors`); the pipeline (torch, pandas, matplotlib, ...) and even the config
-(pydantic) are imported inside the commands that need them (``tests/test_cli_fast.py``).
+It answers ``--help`` at once: at import it loads only typer, rich, stdlib, pydantic and yaml
+(:mod:`maskaudit.config`, for the analyses' names in the help), :mod:`maskaudit.cli_common`,
+:mod:`maskaudit.errors`, :mod:`maskaudit.lock` and :mod:`maskaudit.reader.cli`; the pipeline
+(torch, pandas, matplotlib, ...) is imported inside the commands that need it
+(``tests/test_cli_fast.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from maskaudit.cli_common import setup_logging, user_errors, writer_lock  # light (stdlib, typer, rich)
 from maskaudit.config import ANALYSES  # light (pydantic, yaml): the analyses' names for the help
-from maskaudit.errors import MaskauditError, disk_error
-from maskaudit.lock import command_line, run_lock  # light (stdlib)
+from maskaudit.errors import MaskauditError
 from maskaudit.reader.cli import reader_app
 
 if TYPE_CHECKING:
+    from maskaudit.config import AuditConfig
     from maskaudit.pipeline import Audit
 
 
@@ -47,74 +49,29 @@ OptionalConfig = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="redo the stage even if it is up to date")]
 
 
-def _setup_logging(log_file: Path | None) -> None:
-    from rich.logging import RichHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.INFO)
-    if sys.stdout.isatty():
-        console: logging.Handler = RichHandler(show_path=False, show_time=False, markup=False)
-    else:  # a file, a pipe, CI: one plain line per message, never wrapped
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    console.setLevel(logging.INFO)
-    root.addHandler(console)
-    if log_file is not None:
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(log_file)
-        except OSError as exc:  # a read-only run directory: one line, not a traceback
-            raise disk_error(exc, log_file) or exc from None
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    for noisy in ("matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a user's error in one line and exit 1; bugs keep their traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MaskauditError as exc:
-            typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)  # one line, always
-            raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: run the same command again to continue where it stopped", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
-def _command() -> str:
-    """This command as typed, which a second writer is shown: ``maskaudit train --out runs/x``."""
-    import click
-
-    context = click.get_current_context(silent=True)
-    return command_line(context.command_path if context is not None else "maskaudit")
-
-
-def writer_lock(out: Path) -> contextlib.AbstractContextManager[None]:
-    """The run directory's writer lock, held by this command (:func:`maskaudit.lock.run_lock`)."""
-    return run_lock(out, _command())
-
-
 @contextlib.contextmanager
 def _audit(out: Path, config: Path | None, check_files: bool = True) -> Iterator[Audit]:
-    """A stage command's audit, opened and used under the run directory's writer lock."""
-    from maskaudit.pipeline import Audit
+    """A stage command's audit (the kind its config asks for), opened and used under the run directory's writer
+    lock."""
+    from maskaudit.kinds import open_audit
 
     if config is None and not (out / "config.yaml").is_file():
-        Audit.open(out, None, check_files)  # says the run directory holds no config; creates nothing
+        open_audit(out, None, check_files)  # says the run directory holds no config; creates nothing
     with writer_lock(out):
-        audit = Audit.open(out, config, check_files)
-        _setup_logging(audit.run.log)
+        audit = open_audit(out, config, check_files)
+        setup_logging(audit.run.log)
         yield audit
+
+
+def _run_all(out: Path, settings: AuditConfig) -> None:
+    """Every stage of ``settings``' kind of audit into ``out``, under its writer lock; then the report's path."""
+    from maskaudit.kinds import create_audit
+
+    with writer_lock(out):
+        audit = create_audit(out, settings)
+        setup_logging(audit.run.log)
+        report = audit.run_all()
+    typer.echo(f"report: {report}")
 
 
 @app.command()
@@ -122,16 +79,11 @@ def _audit(out: Path, config: Path | None, check_files: bool = True) -> Iterator
 def run(config: Annotated[Path, typer.Argument(help="config YAML")], out: Out) -> None:
     """The whole audit: prepare, split, train, predict, metrics, analyses, report."""
     from maskaudit.config import load_config
-    from maskaudit.pipeline import Audit
 
     settings = load_config(config)
-    if settings.probing:
+    if settings.kind == "probe":
         raise MaskauditError(f"{config} names models to probe (`model.source` / `models`): use `maskaudit probe`")
-    with writer_lock(out):
-        audit = Audit.create(out, settings)
-        _setup_logging(audit.run.log)
-        report = audit.run_all()
-    typer.echo(f"report: {report}")
+    _run_all(out, settings)
 
 
 @app.command()
@@ -140,17 +92,12 @@ def probe(config: Annotated[Path, typer.Argument(help="config YAML with `model: 
           out: Out) -> None:
     """Audit models trained elsewhere as they are: every masking, analyses, verdict and report; no training."""
     from maskaudit.config import load_config
-    from maskaudit.pipeline import Audit
 
     settings = load_config(config)
-    if not settings.probing:
+    if settings.kind != "probe":
         raise MaskauditError(f"{config} names no model to probe: add `model: {{source: python|torchscript|onnx|"
                              "torchxrayvision, ...}}` (README, \"Audit your own model\"), or use `maskaudit run`")
-    with writer_lock(out):
-        audit = Audit.create(out, settings)
-        _setup_logging(audit.run.log)
-        report = audit.run_all()
-    typer.echo(f"report: {report}")
+    _run_all(out, settings)
 
 
 def demo_config(kind: str) -> dict:
@@ -172,14 +119,8 @@ def demo(
     if kind not in ("cxr", "fundus"):
         raise MaskauditError(f"--kind must be cxr or fundus, got {kind!r}")
     from maskaudit.config import config_from_dict
-    from maskaudit.pipeline import Audit
 
-    settings = config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml")
-    with writer_lock(out):
-        audit = Audit.create(out, settings)
-        _setup_logging(audit.run.log)
-        report = audit.run_all()
-    typer.echo(f"report: {report}")
+    _run_all(out, config_from_dict(demo_config(kind), origin=f"built-in demo-{kind}.yaml"))
 
 
 @app.command()
@@ -200,7 +141,7 @@ def check(
     from maskaudit.rundir import write_json
 
     settings = load_config(config)
-    _setup_logging(None)  # a source's own notes (e.g. reading a large table) on the console
+    setup_logging(None)  # a source's own notes (e.g. reading a large table) on the console
     checks = check_config(settings)
     print_checks(checks)
     if json_file is not None:
@@ -291,7 +232,7 @@ def report(
     if compare:
         from maskaudit.report.compare import compare_runs
 
-        _setup_logging(None)
+        setup_logging(None)
         typer.echo(f"comparison: {compare_runs(compare[0], compare[1], out)}")
         return
     with _audit(out, config, check_files=False) as audit:  # the report reads the run directory alone

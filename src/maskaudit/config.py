@@ -14,14 +14,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from maskaudit.errors import MaskauditError
+from maskaudit.strategies import STRATEGIES, SWEEP_SPREADS, Fill, check_strategy, study_strategies
 
-#: The masking strategies of SPEC §2 (the study's five) plus the shape-leakage control of SPEC §8.
-STUDY_STRATEGIES = ("full", "no_roi", "no_roi_bbox", "only_roi", "only_roi_bbox")
-STRATEGIES = (*STUDY_STRATEGIES, "roi_shape")
-Strategy = Literal["full", "no_roi", "no_roi_bbox", "only_roi", "only_roi_bbox", "roi_shape"]
+#: The study's five masking strategies (SPEC §2), the default of ``strategies``.
+STUDY_STRATEGIES = tuple(study_strategies())
+#: A masking strategy's name: one registered in :data:`maskaudit.strategies.STRATEGIES`.
+Strategy = Annotated[str, AfterValidator(check_strategy)]
 
 
 class Strict(BaseModel):
@@ -448,7 +458,7 @@ class SweepConfig(Strict):
         default_factory=lambda: ["only_roi", "no_roi"], min_length=1
     )
     spreads: list[int] = Field(
-        default_factory=lambda: [0, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500],
+        default_factory=lambda: list(SWEEP_SPREADS),
         description="spreads at S = 512, scaled to image_size",
     )
 
@@ -480,7 +490,7 @@ class VerdictConfig(Strict):
 
 
 class AnalysesConfig(Strict):
-    run: list[Literal["baseline", "explain", "embed", "sweep", "reader", "verdict"]] = Field(
+    run: list[Literal[ANALYSES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(ANALYSES), description="which analyses `maskaudit run` does"
     )
     level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every AUC interval")
@@ -530,7 +540,7 @@ class AuditConfig(Strict):
     strategies: list[Strategy] = Field(default_factory=lambda: list(STUDY_STRATEGIES), min_length=1)
     test_strategies: list[Strategy] | None = Field(None, description="default: the same as strategies")
     spread: int = Field(0, description="dilate (>0) or erode (<0) the ROI by this many 3x3-cross iterations")
-    fill: Literal["zero", "mean", "noise"] = "zero"
+    fill: Fill = "zero"
     folds: int = Field(5, ge=2)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 1907
@@ -592,24 +602,15 @@ class AuditConfig(Strict):
         for key, folds in named.items():
             if any(k >= self.folds for k in folds):
                 raise ValueError(f"{key}={folds}: folds are numbered 0..{self.folds - 1}")
-        if self.predict.images == "all" and not self.probing:
+        if self.predict.images == "all" and self.kind != "probe":
             raise ValueError("predict.images=all scores training images: only a probe (nothing trained) may")
         return self
 
     @property
-    def probing(self) -> bool:
-        """Whether this audit probes models trained elsewhere (``models``) instead of training its own."""
-        return bool(self.models)
-
-    @property
-    def train_strategies(self) -> list[str]:
-        """The prediction table's ``train_strategy`` values: the trained strategies, or the probed models' names."""
-        return [m.name for m in self.models] if self.probing else list(self.strategies)
-
-    @property
-    def model_folds(self) -> list[int]:
-        """The folds that have a model: every fold, or just 0 for a probed model (one model, nothing trained)."""
-        return [0] if self.probing else list(range(self.folds))
+    def kind(self) -> Literal["audit", "probe"]:
+        """The kind of audit (:mod:`maskaudit.kinds`): ``probe`` for models trained elsewhere (``models``), else
+        ``audit``, which trains its own."""
+        return "probe" if self.models else "audit"
 
     @property
     def eval_strategies(self) -> list[str]:
@@ -618,35 +619,6 @@ class AuditConfig(Strict):
     @property
     def classes(self) -> list[str]:
         return self.data.class_names
-
-    @property
-    def explain_pairs(self) -> list[tuple[str, str]]:
-        """The (train, test) pairs SHAP explains: ``analyses.explain.pairs``, else each strategy on its own masking
-        (a probe: each model on full images, where the question is where it looks)."""
-        default = [(m, "full") for m in self.train_strategies] if self.probing else [(s, s) for s in self.strategies]
-        return [tuple(p) for p in self.analyses.explain.pairs or default]
-
-    @property
-    def baseline_pairs(self) -> list[tuple[str, str]]:
-        """The image models the metadata baseline is tested against (``analyses.baseline.compare``)."""
-        if self.analyses.baseline.compare is not None:
-            return [tuple(p) for p in self.analyses.baseline.compare]
-        if self.probing:
-            return [(m, t) for m in self.train_strategies for t in ("no_roi_bbox", "full") if t in self.eval_strategies]
-        return [("no_roi_bbox", "no_roi_bbox"), ("full", "full")]
-
-    @property
-    def sweep_models(self) -> list[str]:
-        """Whose models the dilation sweep runs: ``analyses.sweep.train_strategies``, else full (a probe: all)."""
-        return list(self.analyses.sweep.train_strategies or (self.train_strategies if self.probing else ["full"]))
-
-    @property
-    def embed_model(self) -> str | None:
-        """Whose features are embedded: ``analyses.embed.train_strategy``, else full (a probe: its first model
-        whose layers can be hooked, a python or torchxrayvision one; None when it has none)."""
-        if self.analyses.embed.train_strategy or not self.probing:
-            return self.analyses.embed.train_strategy or "full"
-        return next((m.name for m in self.models if m.source in ("python", "torchxrayvision")), None)
 
 
 def _unwrap(annotation: Any, discriminator: str | None) -> tuple[Any, str | None]:

@@ -1,6 +1,6 @@
 """Run the grid of independent jobs: in this process, or as Ray tasks on a cluster.
 
-A job is a plain function of picklable arguments (the run directory and the job's name),
+A job is a plain function of picklable arguments (the kind of audit, the run directory and the job's name),
 which reads everything else from the run directory; so the same function runs locally or
 on any Ray worker that sees the run directory on shared storage. A job writes only its own
 job folder, under the run directory's writer lock (:mod:`maskaudit.lock`) that the driver
@@ -22,24 +22,19 @@ from maskaudit.config import AuditConfig
 from maskaudit.errors import MaskauditError
 
 
-def stage_name(fn: Callable[..., Any]) -> str:
-    """``run_train_job`` → ``train``."""
-    return fn.__name__.removeprefix("run_").removesuffix("_job").replace("_", " ")
-
-
 def job_label(args: tuple) -> str:
-    """``(run_root, strategy, fold)`` → ``no_roi fold 2``."""
-    return f"{args[1]} fold {args[2]}" if len(args) >= 3 else " ".join(map(str, args[1:]))
+    """A job's arguments ``(..., strategy, fold)`` → ``no_roi fold 2``."""
+    return f"{args[-2]} fold {args[-1]}" if len(args) >= 2 else " ".join(map(str, args))
 
 
 class LocalExecutor:
     """Jobs one after the other in this process (the GPU, if any, serves one job at a time)."""
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, total: int | None = None,
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, name: str, total: int | None = None,
             done: int = 0) -> list[Any]:
-        """Run ``fn(*args)`` for each of ``calls``; ``total`` jobs in the stage, ``done`` of them before."""
+        """Run ``fn(*args)`` for each of ``calls`` (stage ``name``); ``total`` jobs in the stage, ``done`` before."""
         results = []
-        with progress.stage(stage_name(fn), total if total is not None else len(calls) + done, done=done) as bar:
+        with progress.stage(name, total if total is not None else len(calls) + done, done=done) as bar:
             for args in calls:
                 bar.start_job(job_label(args))
                 result = fn(*args)
@@ -60,7 +55,7 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, when set, names the cluster
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, total: int | None = None,
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, name: str, total: int | None = None,
             done: int = 0) -> list[Any]:
         gpus = 1 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = self.ray.remote(num_gpus=gpus, max_retries=2)(fn)
@@ -68,8 +63,7 @@ class RayExecutor:
         args_of = dict(zip(refs, calls, strict=True))
         note = (f"{len(calls)} jobs on Ray; progress counts finished jobs (epochs and images run on the workers and "
                 "are not visible here: `maskaudit status RUN` reads them from the job folders)")
-        with progress.stage(stage_name(fn), total if total is not None else len(calls) + done, done=done,
-                            note=note) as bar:
+        with progress.stage(name, total if total is not None else len(calls) + done, done=done, note=note) as bar:
             pending = list(refs)
             while pending:
                 finished, pending = self.ray.wait(pending, num_returns=1)

@@ -14,28 +14,44 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maskaudit.config import AuditConfig
 from maskaudit.data.store import Store
 from maskaudit.errors import MaskauditError
 from maskaudit.masking import apply_strategy, roi_at_spread
+from maskaudit.metrics import MAIN
+from maskaudit.seeds import derive_seed
+from maskaudit.strategies import MaskSpec
 
 
-def roi_key(config: AuditConfig, store: Store) -> str | None:
-    """The ROI a run masks: the config's ``roi`` (a name or a union ``a+b``) or the store's first ROI.
+def roi_key(roi: str | None, store: Store, required: bool = True) -> str | None:
+    """The ROI a run masks: ``roi`` (the config's: a name or a union ``a+b``) or the store's first ROI.
 
-    ``None`` for data without masks (only ``full`` can be scored there).
+    ``None`` for data without masks (only ``full`` can be scored there); a ``roi`` the store lacks is an error
+    (``required``) or None (an external dataset: its images are then scored under ``full`` alone).
     """
     if not store.rois:
-        if config.roi:
-            raise MaskauditError(f"roi {config.roi!r}: this data has no ROI masks")
+        if roi and required:
+            raise MaskauditError(f"roi {roi!r}: this data has no ROI masks")
         return None
-    key = config.roi or store.rois[0]
+    key = roi or store.rois[0]
     unknown = [name for name in key.split("+") if name not in store.rois]
     if unknown:
+        if not required:
+            return None
         raise MaskauditError(
             f"roi {key!r}: no ROI named {', '.join(map(repr, unknown))}; this data has {', '.join(store.rois)}"
         )
     return key
+
+
+def mask_spec(store: Store, roi: str | None, spread: int, fill: str, seed: int, dataset: str = MAIN,
+              required: bool = True) -> MaskSpec:
+    """The masking of one dataset, resolved once: the ROI key against its store, the fill's value and noise stream.
+
+    ``spread`` is in pixels at the run's image size; the ``mean`` fill's value is the store's mean intensity; the
+    ``noise`` fill's stream is named by the run's seed and the dataset (:func:`maskaudit.seeds.derive_seed`).
+    """
+    return MaskSpec(roi=roi_key(roi, store, required), spread=int(spread), fill=fill,
+                    fill_value=store.mean_intensity, noise_seed=derive_seed(seed, "noise", dataset))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,21 +80,15 @@ class Batch:
             raise MaskauditError("this data has no ROI masks, so the ROI has no spread")
         return replace(self, roi=roi_at_spread(self.dist, spread))
 
-    def masked(self, strategy: str, config: AuditConfig, store: Store) -> torch.Tensor:
-        """The batch as a model trained or tested under ``strategy`` sees it."""
+    def masked(self, strategy: str, spec: MaskSpec) -> torch.Tensor:
+        """The batch as a model trained or tested under ``strategy`` sees it, masked as ``spec`` says."""
         if self.roi is None:
             if strategy != "full":
                 raise MaskauditError(f"strategy {strategy!r} needs ROI masks, and this data has none")
             return self.images
-        seeds = self.index + np.int64(config.seed) * 1_000_003 if config.fill == "noise" else None
-        return apply_strategy(
-            self.images,
-            self.roi,
-            strategy,
-            fill=config.fill,
-            fill_value=store.mean_intensity,
-            noise_seeds=seeds,
-        )
+        seeds = (self.index + spec.noise_seed) % np.int64(2**62) if spec.fill == "noise" else None
+        return apply_strategy(self.images, self.roi, strategy, fill=spec.fill, fill_value=spec.fill_value,
+                              noise_seeds=seeds)
 
 
 class _StoreRows(Dataset):
@@ -117,18 +127,19 @@ def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def batches(
     store: Store,
     indices: np.ndarray,
-    config: AuditConfig,
+    spec: MaskSpec,
     batch_size: int,
     device: torch.device,
     generator: torch.Generator | None = None,
     num_workers: int = 0,
 ) -> Iterator[Batch]:
-    """Yield the images at ``indices`` in batches; shuffled when a ``generator`` is given."""
+    """Yield the images at ``indices`` in batches, with their ROI at ``spec``'s spread; shuffled when a
+    ``generator`` is given."""
     indices = np.asarray(indices, dtype=np.int64)
     if generator is not None:
         indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
     chunks = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
-    key = roi_key(config, store)
+    key = spec.roi
     loader = DataLoader(
         _StoreRows(store, key),
         batch_sampler=chunks,
@@ -143,7 +154,7 @@ def batches(
         roi = dist = None
         if "dist" in raw:
             dist = raw["dist"].to(device, non_blocking=True).unsqueeze(1)
-            roi = roi_at_spread(dist, config.spread)
+            roi = roi_at_spread(dist, spec.spread)
         yield Batch(
             images=images,
             roi=roi,

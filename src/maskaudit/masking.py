@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from maskaudit.config import STRATEGIES
+from maskaudit.strategies import FILLS, REFERENCE_SIZE, STRATEGIES, SWEEP_SPREADS
 
 __all__ = [
     "DEFAULT_NOISE_STD",
@@ -69,12 +69,6 @@ def signed_taxicab_distance(mask: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ spread & sweep
 
-#: The image size at which the study gives its spreads (SPEC §6.4).
-REFERENCE_SIZE = 512
-
-#: The dilation sweep's spreads at S = 512 (SPEC §6.4); scale them with :func:`scale_spread`.
-SWEEP_SPREADS = (0, 5, 10, 25, 50, 100, 150, 200, 300, 400, 500)
-
 
 def roi_at_spread(dist: torch.Tensor, spread: int) -> torch.Tensor:
     """The ROI after spread ``spread``: ``dist <= spread``, as a bool tensor of ``dist``'s shape.
@@ -111,9 +105,6 @@ def scale_spread(spread_at_512: int, image_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ strategies
-
-#: How the removed pixels are filled: zero (the study), a constant, or seeded Gaussian noise (SPEC §8).
-FILLS = ("zero", "mean", "noise")
 
 #: Standard deviation of the ``noise`` fill when the caller gives none: about the within-image
 #: standard deviation of a max-scaled chest X-ray (0.21 on the shared ieee8023 set).
@@ -221,19 +212,10 @@ def apply_strategy(
     if fill not in FILLS:
         raise ValueError(f"unknown fill {fill!r}; known fills: {', '.join(FILLS)}")
     roi = _check_batch(images, roi)
-    if strategy == "full":
-        return images
-    if strategy == "roi_shape":
-        return roi.to(images.dtype).expand_as(images).contiguous()
-
-    if strategy == "no_roi":
-        keep = ~roi
-    elif strategy == "no_roi_bbox":
-        keep = ~bounding_box(roi)
-    elif strategy == "only_roi":
-        keep = roi
-    else:  # only_roi_bbox
-        keep = bounding_box(roi)
+    entry = STRATEGIES[strategy]
+    if entry.image is not None:  # full (the image as is), roi_shape (the silhouette): no fill
+        return entry.image(images, roi)
+    keep = entry.keep(roi, bounding_box)
 
     if fill == "zero":
         return images * keep

@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from maskaudit.errors import MaskauditError
 from maskaudit.stats import auc_ci, delong_test, mean_auc_ci, mean_difference
 
 KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
@@ -69,11 +68,11 @@ def _wide(group: pd.DataFrame, where: str) -> tuple[pd.DataFrame, np.ndarray]:
     """One class's probabilities by image id (rows) and (train, test, fold) (columns), and each image's label."""
     labels = group.groupby("image_id", sort=True)["label"]
     if (labels.nunique() > 1).any():
-        raise MaskauditError(f"{where}: an image has different labels in the prediction table")
+        raise ValueError(f"{where}: an image has different labels in the prediction table")
     try:
         wide = group.pivot(index="image_id", columns=["train_strategy", "test_strategy", "fold"], values="probability")
     except ValueError:
-        raise MaskauditError(f"{where}: an image occurs twice for one model and strategy") from None
+        raise ValueError(f"{where}: an image occurs twice for one model and strategy") from None
     return wide.sort_index(), labels.first().reindex(wide.index).to_numpy(dtype=float)
 
 

@@ -170,7 +170,7 @@ class Classifier(nn.Module):
         """The input adapter: channel repeat for ImageNet backbones, then optional normalisation."""
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             if x.dim() != 4 or x.shape[1] != self.in_channels:
-                raise MaskauditError(
+                raise ValueError(
                     f"{self.arch} was built for {self.in_channels}-channel images (B, C, S, S), "
                     f"got a tensor of shape {tuple(x.shape)}"
                 )
@@ -197,7 +197,7 @@ class Classifier(nn.Module):
         BatchNorm layers keep updating their running statistics in train mode either way, as in the study.
         """
         if policy not in ("study", "none"):
-            raise MaskauditError(f"model.freeze={policy!r}; expected 'study' or 'none'")
+            raise ValueError(f"model.freeze={policy!r}; expected 'study' or 'none'")
         keep = self.study_trainable
         for name, param in self.named_parameters():
             param.requires_grad_(policy == "none" or keep is None or name.startswith(keep))
@@ -341,7 +341,7 @@ def _backbone_state(config: ModelConfig, imagenet: Any) -> tuple[dict[str, Tenso
 
 def _require_channels(arch: str, in_channels: int) -> None:
     if in_channels not in (1, 3):
-        raise MaskauditError(f"{arch}: images must have 1 or 3 channels, got {in_channels}")
+        raise ValueError(f"{arch}: images must have 1 or 3 channels, got {in_channels}")
 
 
 # ------------------------------------------------------------------------------------------ densenet
@@ -519,8 +519,10 @@ def build_model(config: ModelConfig, n_classes: int, in_channels: int) -> Classi
     Raises
     ------
     MaskauditError
-        For an unknown architecture (the message lists the known ones), bad sizes, or weights that
-        cannot be loaded.
+        For an unknown architecture (the message lists the known ones), or weights that cannot be
+        loaded.
+    ValueError
+        For sizes no data source gives (channels other than 1 or 3, no class): a caller's mistake.
 
     Examples
     --------
@@ -531,7 +533,7 @@ def build_model(config: ModelConfig, n_classes: int, in_channels: int) -> Classi
     if config.arch not in MODELS:
         raise MaskauditError(f"unknown model.arch {config.arch!r}; known: {', '.join(sorted(MODELS))}")
     if n_classes < 1:
-        raise MaskauditError(f"a classifier needs at least one class, got n_classes={n_classes}")
+        raise ValueError(f"a classifier needs at least one class, got n_classes={n_classes}")
     model = MODELS[config.arch](config, n_classes, in_channels)
     model.apply_freeze(config.freeze)
     return model

@@ -3,41 +3,83 @@
 prepare → split → train (grid of jobs) → predict (cross-masking) → metrics
         → baseline · explain · embed · sweep · reader → verdict → report
 
-Each stage has a fingerprint made of the config keys it reads and the fingerprints of the
-stages before it. A stage whose outputs exist with the same fingerprint is skipped, so a
-killed run, started again, continues where it stopped; a changed config redoes exactly the
-stages it affects. Jobs are plain functions of (run directory, strategy, fold), run by an
-executor in this process or on Ray.
+:data:`TABLE` declares, for each stage and each per-model part, the config keys it reads and the
+parts it follows (:mod:`maskaudit.stages`); every fingerprint is derived from it. A stage whose
+outputs exist with the same fingerprint is skipped, so a killed run, started again, continues
+where it stopped; a changed config redoes exactly the stages it affects. Jobs are plain functions
+of (audit kind, run directory, part, strategy, fold), run by an executor in this process or on Ray.
+
+:class:`Audit` is the full audit: it trains its models. The probe, which audits models trained
+elsewhere, is its own kind (:class:`maskaudit.probe_audit.ProbeAudit`) sharing these stages;
+:func:`maskaudit.kinds.open_audit` picks the kind a config asks for.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import torch
 
-from maskaudit.config import ANALYSES, AuditConfig, dump_config, load_config
+from maskaudit.analyses.reader_selection import study_fold
+from maskaudit.analyses.run import ANALYSES, JOB_WORK
+from maskaudit.config import AuditConfig, dump_config, load_config
+from maskaudit.context import Context, Plan
+from maskaudit.data.check import check_store, write_check
 from maskaudit.data.sources import make_source
-from maskaudit.data.splits import Splits, load_splits, make_splits, save_splits
-from maskaudit.data.store import Store, prepare_store
+from maskaudit.data.splits import Splits, make_splits, save_splits, split_count_table
+from maskaudit.data.store import Store, count_table, prepare_store
 from maskaudit.errors import MaskauditError, disk_error
 from maskaudit.executors import make_executor
+from maskaudit.lock import python_command, run_lock
+from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of
+from maskaudit.predict import load_trained, predict_job
 from maskaudit.progress import format_duration
+from maskaudit.report.figures import auc_heatmap, save_figure
+from maskaudit.report.html import ReportView, report_inputs, write_report
 from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_text
+from maskaudit.stages import ConfigView, Fingerprints, Stage
+from maskaudit.strategies import evidence_cells
+from maskaudit.train import job_finished, train_job
 
 log = logging.getLogger(__name__)
 
+#: The masking keys every model part reads (:class:`maskaudit.strategies.MaskSpec`).
+MASKING = ("roi", "spread", "fill", "seed")
+#: Where every figure goes, read by each stage that draws one.
+FIGURES = "report.formats"
 
-
-def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+#: The full audit's stages and per-model parts (``job``): the keys each reads, the parts it follows.
+TABLE: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("store", reads=("data", "image_size", "data_checks.duplicate_images")),
+    Stage("prepare", reads=("data", "image_size", "roi", "external", "data_checks", "seed", "folds", "test_fraction",
+                            "strategies", "test_strategies")),
+    Stage("split", reads=("folds", "test_fraction", "seed"), after=("prepare",)),
+    Stage("model", reads=("model", "train", *MASKING), after=("split",), job=True),
+    Stage("train", reads=("strategies",), jobs="model"),
+    Stage("predictions", reads=("strategies", "test_strategies", "predict", "external"), after=("model",),
+          job=True, output="predictions"),
+    Stage("predict", jobs="predictions"),
+    Stage("metrics", reads=("analyses.level", FIGURES), after=("predict",)),
+    Stage("baseline", reads=("analyses.baseline", "analyses.level"), after=("predict",)),
+    Stage("explain", reads=("analyses.explain", FIGURES), after=("predict",), jobs="explanations"),
+    Stage("explanations", reads=("analyses.explain", "predict.images"), after=("model",), job=True,
+          output="explain"),
+    Stage("embed", reads=("analyses.embed", FIGURES), after=("predict",)),
+    Stage("sweep", reads=("analyses.sweep", FIGURES), after=("predict",), jobs="sweep predictions"),
+    Stage("sweep predictions", reads=("analyses.sweep", "predict.images"), after=("model",), job=True,
+          output="sweep"),
+    Stage("reader", reads=("analyses.reader",), after=("predict",)),
+    Stage("verdict", reads=("analyses.verdict", "analyses.run"), after=("metrics", "baseline", "explain")),
+    Stage("report", reads=("",), after=("metrics", *ANALYSES)),
+)}
 
 
 def _file_stamp(path: Path | None) -> tuple[int, int] | None:
@@ -48,21 +90,20 @@ def _file_stamp(path: Path | None) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _entry_point_file(entry_point: str | None) -> Path | None:
-    """The source file of a probed model's ``package.module:function``, so that editing the code redoes the probe."""
-    if not entry_point:
-        return None
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(entry_point.partition(":")[0])
-    except (ImportError, ValueError):
-        return None  # loading the model will say what is wrong
-    return Path(spec.origin) if spec is not None and spec.origin else None
+def union_keys(roi: str | None) -> list[str]:
+    """The ROI unions (``a+b``) a config asks for: the store keeps a distance map of each."""
+    return [roi] if roi and "+" in roi else []
 
 
 class Audit:
-    """One run directory and its config; each stage is a method."""
+    """One run directory and its config: the full audit, which trains a model per (strategy, fold)."""
+
+    #: The config's kind (:attr:`maskaudit.config.AuditConfig.kind`) this class audits.
+    KIND = "audit"
+    #: Its stages and per-model parts.
+    TABLE: dict[str, Stage] = TABLE
+    #: The stages ``maskaudit run`` runs, in order (analyses: those in ``analyses.run``).
+    FLOW: tuple[str, ...] = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
     def __init__(self, run: RunDir, config: AuditConfig) -> None:
         self.run, self.config = run, config
@@ -83,97 +124,134 @@ class Audit:
         return cls(run, config)
 
     @classmethod
-    def open(cls, out: Path, config_path: Path | None = None, check_files: bool = True) -> Audit:
-        """A stage command: the given config, or the one the run directory already holds.
-
-        ``check_files=False``: the config's data and model files need not exist (the report reads the run
-        directory alone, so it renders a run whose data has moved)."""
-        if config_path is not None:
-            return cls.create(out, load_config(config_path, check_files))
+    def open(cls, out: Path, check_files: bool = True) -> Audit:
+        """The run directory's audit, with the config it holds."""
         run = RunDir(out)
         if not run.config.is_file():
             raise MaskauditError(f"{run.root} holds no config.yaml; pass a config file or use `maskaudit run`")
         return cls(run, load_config(run.config, check_files))
 
-    # ------------------------------------------------------------------ fingerprints
+    # ------------------------------------------------------------------ what this kind of audit has
 
-    @staticmethod
-    def _source_fingerprint(config: AuditConfig) -> str:
-        """The seed for synthetic data; else size and modification time of every input table the config names.
+    @property
+    def models(self) -> list[str]:
+        """The prediction table's ``train_strategy`` values: the trained strategies."""
+        return list(self.config.strategies)
 
-        Size and time, not content: CheXmask's tables are gigabytes, and a run is restarted often.
-        """
-        data = config.data
-        if data.source == "synthetic":
-            return str(config.seed)
-        return _hash({key: _file_stamp(value) for key, value in data if isinstance(value, Path) and value.is_file()})
-
-    @staticmethod
-    def _union_keys(roi: str | None) -> list[str]:
-        return [roi] if roi and "+" in roi else []
-
-    def external_configs(self) -> dict[str, AuditConfig]:
-        """Each external dataset as a config of its own: its data, the run's image size, seed and masking."""
-        return {ext.name: self.config.model_copy(update={"data": ext.data, "roi": ext.roi or self.config.roi,
-                                                        "external": []})
-                for ext in self.config.external}
-
-    def _store_fingerprint(self, config: AuditConfig) -> str:
-        kept_twice = config.data_checks.duplicate_images  # which rows the store keeps; the default hashes as before
-        return _hash("store", config.data.model_dump(mode="json"), config.image_size,
-                     self._union_keys(config.roi), self._source_fingerprint(config),
-                     *([kept_twice] if kept_twice != "reject" else []))
-
-    def fingerprint(self, stage: str) -> str:
-        c = self.config
-        if stage == "prepare":
-            return _hash("prepare", self._store_fingerprint(c),
-                         {name: self._store_fingerprint(ext) for name, ext in self.external_configs().items()})
-        if stage == "split":
-            return _hash("split", self.fingerprint("prepare"), c.folds, c.test_fraction, c.seed)
-        if stage == "train":
-            return _hash("train", [self.job_fingerprint(s, k) for s, k in self.jobs])
-        if stage == "predict":
-            return _hash("predict", [self.predict_fingerprint(s, k) for s, k in self.jobs])
-        if stage == "metrics":
-            return _hash("metrics", self.fingerprint("predict"), c.analyses.level)
-        if stage == "verdict":
-            return _hash("verdict", self.fingerprint("metrics"), c.analyses.verdict.model_dump(),
-                         [self.fingerprint(a) for a in ("baseline", "explain") if a in c.analyses.run])
-        if stage in ANALYSES:
-            return _hash(stage, self.fingerprint("predict"), c.analyses.level,
-                         getattr(c.analyses, stage).model_dump(mode="json"))
-        if stage == "report":
-            return _hash("report", self.fingerprint("metrics"), dump_config(c),
-                         [self.fingerprint(a) for a in c.analyses.run])
-        raise ValueError(stage)
-
-    def analysis_job_fingerprint(self, name: str, strategy: str, fold: int) -> str:
-        """What one model's part of an analysis (``explain``, ``sweep``) depends on."""
-        c = self.config
-        return _hash(name, self.job_fingerprint(strategy, fold), getattr(c.analyses, name).model_dump(mode="json"))
-
-    def job_fingerprint(self, strategy: str, fold: int) -> str:
-        c = self.config
-        if c.probing:  # a probed model: its declaration, its files, scored on the split's images
-            probed = next(m for m in c.models if m.name == strategy)
-            return _hash("probe", self.fingerprint("split"), probed.model_dump(mode="json"),
-                         [_file_stamp(path) for path in (probed.file, _entry_point_file(probed.entry_point))],
-                         c.spread, c.fill, c.roi)
-        return _hash("job", self.fingerprint("split"), strategy, fold, c.model.model_dump(mode="json"),
-                     c.train.model_dump(mode="json", exclude={"num_workers", "device"}), c.spread, c.fill,
-                     c.roi)
-
-    def predict_fingerprint(self, strategy: str, fold: int) -> str:
-        c = self.config
-        return _hash("predict", self.job_fingerprint(strategy, fold), c.eval_strategies,
-                     c.predict.model_dump(mode="json", exclude={"batch_size"}),
-                     {name: (self._store_fingerprint(ext), ext.roi) for name, ext in self.external_configs().items()})
+    @property
+    def model_folds(self) -> list[int]:
+        return list(range(self.config.folds))
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
-        """(training strategy, fold) of every model; a probe has one job per probed model (fold 0)."""
-        return [(s, k) for s in self.config.train_strategies for k in self.config.model_folds]
+        """(model, fold) of every model: the grid of training strategy × fold."""
+        return [(s, k) for s in self.models for k in self.model_folds]
+
+    def plan(self) -> Plan:
+        """What the analyses read of this kind of audit (defaults from ``analyses.*`` when they are not set)."""
+        c, a = self.config, self.config.analyses
+        return Plan(
+            models=self.models, model_folds=self.model_folds, model_word="training strategy",
+            explain_pairs=[tuple(p) for p in a.explain.pairs or [(s, s) for s in c.strategies]],
+            baseline_pairs=[tuple(p) for p in a.baseline.compare or [("no_roi_bbox", "no_roi_bbox"), ("full", "full")]],
+            reader_pairs=[(s, s) for s in c.strategies if s in c.eval_strategies],
+            sweep_models=list(a.sweep.train_strategies or ["full"]),
+            embed_model=a.embed.train_strategy or "full", embed_fold=a.embed.fold, reader_fold=study_fold(c),
+            evidence={"": evidence_cells()})
+
+    def load_model(self, store: Store, strategy: str, fold: int, device: torch.device) -> torch.nn.Module:
+        """The model job (strategy, fold) trained, in eval mode on ``device``."""
+        return load_trained(self.config, store, self.run, strategy, fold, device)
+
+    def model_inputs(self, strategy: str, fold: int) -> object:
+        """What a model depends on beyond the config: its strategy and fold."""
+        return [strategy, fold]
+
+    def report_view(self) -> ReportView:
+        """How the report words this kind of audit."""
+        return ReportView()
+
+    def model_done(self, strategy: str, fold: int) -> bool:
+        """Whether the job's model exists, trained with the current inputs."""
+        return job_finished(self.run.job(strategy, fold), self.fingerprint("model", strategy=strategy, fold=fold))
+
+    # ------------------------------------------------------------------ fingerprints
+
+    @cached_property
+    def fingerprints(self) -> Fingerprints:
+        return Fingerprints(self.TABLE, self.config, self._inputs, self._active)
+
+    def fingerprint(self, name: str, **job: object) -> str:
+        """The fingerprint of stage or part ``name`` (a per-model part: of ``strategy=``, ``fold=``)."""
+        return self.fingerprints.of(name, **job)
+
+    def job_fingerprint(self, name: str, strategy: str, fold: int) -> str:
+        return self.fingerprint(name, strategy=strategy, fold=fold)
+
+    def _active(self, name: str) -> bool:
+        return name not in ANALYSES or name in self.config.analyses.run
+
+    def _inputs(self, name: str, strategy: str | None = None, fold: int | None = None,
+                dataset: str = MAIN) -> object:
+        """What part ``name`` depends on that is not config: file stamps, the job's name, its jobs' fingerprints."""
+        if name == "store":
+            return self._store_inputs(dataset)
+        if name == "prepare":
+            return {d: self.fingerprint("store", dataset=d) for d in self.datasets}
+        if name == "model":
+            return self.model_inputs(strategy, fold)
+        if self.TABLE[name].output:  # one model's predictions, explanations, sweep
+            return [strategy, fold] + ([self._external_inputs()] if name == "predictions" else [])
+        part = self.TABLE[name]
+        if part.jobs:
+            jobs = self._stage_jobs(name)
+            return [self.fingerprint(part.jobs, strategy=s, fold=k) for s, k in jobs]
+        return None
+
+    def _stage_jobs(self, name: str) -> list[tuple[str, int]]:
+        """The jobs a stage runs: every model's (train, predict), those its analysis names (explain, sweep)."""
+        plan = self.plan() if name in ("explain", "sweep") else None
+        if name == "explain":
+            return sorted({(m, k) for m, _ in plan.explain_pairs for k in self.config.analyses.explain.folds
+                           if m in self.models}, key=lambda j: (self.models.index(j[0]), j[1]))
+        if name == "sweep":
+            return [(m, k) for m in plan.sweep_models if m in self.models for k in self.model_folds]
+        return self.jobs
+
+    @property
+    def datasets(self) -> list[str]:
+        """The run's datasets: ``main``, then each external one."""
+        return [MAIN, *(ext.name for ext in self.config.external)]
+
+    def _dataset(self, name: str) -> tuple[Any, str | None]:
+        """A dataset's ``data`` config and ROI."""
+        if name == MAIN:
+            return self.config.data, self.config.roi
+        ext = next(e for e in self.config.external if e.name == name)
+        return ext.data, ext.roi or self.config.roi
+
+    def _store_inputs(self, dataset: str) -> object:
+        """A store's data: the dataset's ``data``, the ROI unions it keeps, and its input files (size and time, not
+        content: CheXmask's tables are gigabytes), or the seed of synthetic data."""
+        data, roi = self._dataset(dataset)
+        files = (str(self.config.seed) if data.source == "synthetic" else
+                 {key: _file_stamp(value) for key, value in data if isinstance(value, Path) and value.is_file()})
+        return [data.model_dump(mode="json"), union_keys(roi), files]
+
+    def _external_inputs(self) -> object:
+        return {name: (self.fingerprint("store", dataset=name), self._dataset(name)[1]) for name in self.datasets[1:]}
+
+    def view(self, stage: str) -> Any:
+        """The config as stage (or part) ``stage`` may read it (:class:`maskaudit.stages.ConfigView`)."""
+        return ConfigView.of(self.config, self.fingerprints.readable(stage), stage)
+
+    def context(self, stage: str) -> Context:
+        """What stage (or part) ``stage`` is given: the run, its config view, the plan, model loading, job mapping."""
+        externals = [(name, self._dataset(name)[1]) for name in self.datasets[1:]]
+        return Context(run=self.run, config=self.view(stage), plan=self.plan(), stage=stage,
+                       load_model=self.load_model, map_jobs=self.map_jobs, job_fingerprint=self.job_fingerprint,
+                       outputs={name: part.output for name, part in self.TABLE.items() if part.output},
+                       externals=externals)
 
     # ------------------------------------------------------------------ stage bookkeeping
 
@@ -203,38 +281,50 @@ class Audit:
         self._mark(stage, time.perf_counter() - started, **extra)
         log.info("%s: done in %s", stage, format_duration(time.perf_counter() - started))
 
+    def map_jobs(self, part: str, jobs: list[tuple[str, int]], total: int | None = None) -> None:
+        """Run part ``part`` for each (strategy, fold) of ``jobs`` on the run's executor."""
+        name = next((s.name for s in self.TABLE.values() if s.jobs == part), part)  # the stage it shows under
+        total = len(jobs) if total is None else total
+        make_executor(self.config).map(run_job, [(type(self), str(self.run.root), part, s, k) for s, k in jobs],
+                                       name=name, total=total, done=total - len(jobs))
+
     # ------------------------------------------------------------------ stages
 
     def prepare(self, force: bool = False) -> None:
-        from maskaudit.data.check import CHECK_FILE, check_store
+        tables = []
 
-        def prepare_one(config: AuditConfig, where: Path, name: str = "main") -> dict:
+        def prepare_one(dataset: str, where: Path) -> dict:
+            data, roi = self._dataset(dataset)
+            config = self.config if dataset == MAIN else self.config.model_copy(
+                update={"data": data, "roi": roi, "external": []})
             marker = where / ".fingerprint"
-            wanted = self._store_fingerprint(config)
+            wanted = self.fingerprint("store", dataset=dataset)
             if where.exists() and (not marker.is_file() or marker.read_text() != wanted):
                 shutil.rmtree(where)  # a store of other data or settings: start afresh
             where.mkdir(parents=True, exist_ok=True)
             write_text(marker, wanted)
             source = make_source(config)
-            unions = [k for k in self._union_keys(config.roi) if all(p in source.rois for p in k.split("+"))]
-            external = name != "main"  # scored, never trained on: images without masks are scored under full
+            unions = [k for k in union_keys(roi) if all(p in source.rois for p in k.split("+"))]
+            external = dataset != MAIN  # scored, never trained on: images without masks are scored under full
             store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers,
                                   masks="optional" if external else "required",
                                   duplicate_images=config.data_checks.duplicate_images)
-            check = check_store(store, config, name, external=external)  # as `maskaudit check` says
+            check = check_store(store, config, dataset, external=external)  # as `maskaudit check` says
             for text in check.warnings:
                 log.warning("prepare: %s", text)
             for text in check.errors:
                 log.error("prepare: %s", text)
-            write_json(where / CHECK_FILE, check.to_dict())
+            write_check(self.run.check(dataset), check)
+            tables.append(count_table(store.manifest).assign(dataset=dataset))
             counts = store.manifest["status"].value_counts().to_dict()
             return {"kept": int(counts.get("kept", 0)), "rejected": int(counts.get("rejected", 0))}
 
         def work() -> dict:
-            summary = prepare_one(self.config, self.run.prepared)
-            for name, config in self.external_configs().items():
+            summary = prepare_one(MAIN, self.run.prepared)
+            for name in self.datasets[1:]:
                 log.info("prepare: external dataset %s", name)
-                summary[f"external {name}"] = prepare_one(config, self.run.external(name), name)
+                summary[f"external {name}"] = prepare_one(name, self.run.external(name))
+            write_table(self.run.counts("prepared"), pd.concat(tables, ignore_index=True), csv=True)  # the report's
             return summary
 
         self._stage("prepare", work, force)
@@ -242,27 +332,19 @@ class Audit:
     def store(self) -> Store:
         return Store.open(self.run.prepared)
 
-    def external_stores(self) -> dict[str, tuple[AuditConfig, Store]]:
-        """Each external dataset's config (its ROI settled against its masks) and prepared store."""
-        out = {}
-        for name, config in self.external_configs().items():
-            store = Store.open(self.run.external(name))
-            roi = config.roi if config.roi and all(p in store.rois for p in config.roi.split("+")) else None
-            out[name] = (config.model_copy(update={"roi": roi}), store)
-        return out
-
     def split(self, force: bool = False) -> None:
         def work() -> dict:
             store = self.store()
+            c = self.config
             if store.n == 0:
                 raise MaskauditError(f"no image was kept in {self.run.prepared}; see manifest.parquet for reasons")
-            masked = sorted((set(self.config.strategies) | set(self.config.eval_strategies)) - {"full"})
+            masked = sorted((set(c.strategies) | set(c.eval_strategies)) - {"full"})
             if not store.rois and masked:
                 raise MaskauditError(f"this data has no ROI masks, so strategies {', '.join(masked)} cannot be "
                                      "applied; set `data.mask_column` or use `strategies: [full]`")
-            splits = make_splits(store.kept, store.classes, self.config.test_fraction, self.config.folds,
-                                 self.config.seed)
+            splits = make_splits(store.kept, store.classes, c.test_fraction, c.folds, c.seed)
             save_splits(self.run.splits, splits, store.kept)
+            write_table(self.run.counts("splits"), split_count_table(store.kept, splits, store.classes), csv=True)
             warnings = split_warnings(store, splits)
             for text in warnings:
                 log.warning("split: %s", text)
@@ -270,127 +352,103 @@ class Audit:
 
         self._stage("split", work, force)
 
-    def splits(self, store: Store) -> Splits:
-        return load_splits(self.run.splits, store.kept)
-
     def train(self, only: list[tuple[str, int]] | None = None, force: bool = False) -> None:
-        if self.config.probing:
-            raise MaskauditError("this config probes models trained elsewhere (`models`): there is nothing to "
-                                 "train; run `maskaudit probe`")
-
         def work() -> None:
             grid = only or self.jobs
-            todo = [job for job in grid if force or not self.job_done(*job)]
+            todo = [job for job in grid if force or not self.model_done(*job)]
             log.info("train: %d of %d jobs to run", len(todo), len(grid))
-            make_executor(self.config).map(run_train_job, [(str(self.run.root), s, k) for s, k in todo],
-                                           total=len(grid), done=len(grid) - len(todo))
+            self.map_jobs("model", todo, total=len(grid))
 
         if only:  # a partial grid never marks the stage done
             work()
             return
         self._stage("train", work, force)
 
-    def job_done(self, strategy: str, fold: int) -> bool:
-        """Whether the job's model exists: trained and current, or (a probe) given."""
-        from maskaudit.train import job_finished
-
-        if self.config.probing:
-            return True
-        return job_finished(self.run.job(strategy, fold), self.job_fingerprint(strategy, fold))
-
     def predict(self, force: bool = False) -> None:
         def work() -> dict:
-            missing = [f"{s}/fold_{k}" for s, k in self.jobs if not self.job_done(s, k)]
+            missing = [f"{s}/fold_{k}" for s, k in self.jobs if not self.model_done(s, k)]
             if missing:
                 raise MaskauditError(f"untrained jobs: {', '.join(missing[:6])}…; run `maskaudit train` first")
-            todo = [(s, k) for s, k in self.jobs if force or not self._job_predicted(s, k)]
-            make_executor(self.config).map(run_predict_job, [(str(self.run.root), s, k) for s, k in todo],
-                                           total=len(self.jobs), done=len(self.jobs) - len(todo))
-            table = pd.concat([pd.read_parquet(self.run.job(s, k) / "predictions.parquet") for s, k in self.jobs],
-                              ignore_index=True)
+            ctx = self.context("predict")
+            todo = [(s, k) for s, k in self.jobs if force or not ctx.job_output_current(s, k, "predictions")]
+            self.map_jobs("predictions", todo, total=len(self.jobs))
+            table = pd.concat([pd.read_parquet(self.run.job(s, k) / f"{self.TABLE['predictions'].output}.parquet")
+                               for s, k in self.jobs], ignore_index=True)
             write_table(self.run.predictions, table)
             return {"rows": len(table)}
 
         self._stage("predict", work, force)
 
-    def _job_predicted(self, strategy: str, fold: int) -> bool:
-        return self.job_output_current(strategy, fold, "predictions", self.predict_fingerprint(strategy, fold))
-
-    def job_output_current(self, strategy: str, fold: int, name: str, fingerprint: str) -> bool:
-        """Whether job (strategy, fold) holds ``<name>.parquet`` made from inputs with ``fingerprint``."""
-        meta = self.run.job(strategy, fold) / f"{name}.json"
-        return meta.is_file() and read_json(meta).get("fingerprint") == fingerprint
-
-    def write_job_output(self, strategy: str, fold: int, name: str, table: pd.DataFrame, fingerprint: str) -> dict:
-        """Keep a job's table as ``<name>.parquet`` beside ``<name>.json`` (its inputs' fingerprint)."""
-        job_dir = self.run.job(strategy, fold)
-        write_table(job_dir / f"{name}.parquet", table)
-        write_json(job_dir / f"{name}.json", {"fingerprint": fingerprint, "rows": len(table)})
-        return {"rows": len(table)}
-
     def metrics(self, force: bool = False) -> None:
-        from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of
-        from maskaudit.report.figures import auc_heatmap, save_figure
-
         def work() -> None:
             if not self.run.predictions.is_file():
                 raise MaskauditError(f"no {self.run.predictions}; run `maskaudit predict` first")
+            c, plan = self.view("metrics"), self.plan()
             predictions = pd.read_parquet(self.run.predictions)
-            by_fold = auc_by_fold(predictions, self.config.analyses.level)
-            matrix = auc_matrix(predictions, by_fold, self.config.analyses.level)
+            by_fold = auc_by_fold(predictions, c.analyses.level)
+            matrix = auc_matrix(predictions, by_fold, c.analyses.level)
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
             write_table(self.run.metrics / "delong.parquet", delong_table(predictions), csv=True)
-            c = self.config
             panels = [(MAIN, "test", "hold-out", "auc_{}")]
-            panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.external_configs()]
+            panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.datasets[1:]]
+            of, rows = self.heatmap_title(), self.report_view().models_label
             for dataset, split, label, file_name in panels:
                 for name in c.classes:
-                    mean, std = (matrix_of(matrix, name, split, c.train_strategies, c.eval_strategies, value,
-                                           dataset) for value in ("auc_mean", "auc_std"))
-                    of = "probed models" if c.probing else f"mean of {c.folds} folds"
-                    fig = auc_heatmap(mean, std, f"{name}: {label} AUC, {of}",
-                                      "probed model" if c.probing else "training masking")
-                    save_figure(fig, self.run.figures / file_name.format(name), self.config.report.formats)
+                    mean, std = (matrix_of(matrix, name, split, plan.models, c.eval_strategies, value, dataset)
+                                 for value in ("auc_mean", "auc_std"))
+                    fig = auc_heatmap(mean, std, f"{name}: {label} AUC, {of}", rows)
+                    save_figure(fig, self.run.figures / file_name.format(name), c.report.formats)
 
         self._stage("metrics", work, force)
 
-    def analyse(self, name: str, force: bool = False) -> None:
-        """One analysis of SPEC §6/§8 (see :mod:`maskaudit.analyses.stages`); needs the metrics stage."""
-        from maskaudit.analyses.stages import ANALYSIS_FUNCTIONS
+    def heatmap_title(self) -> str:
+        """What an AUC heatmap's cells are the AUC of."""
+        return f"mean of {self.config.folds} folds"
 
-        if name not in ANALYSIS_FUNCTIONS:
+    def analyse(self, name: str, force: bool = False) -> None:
+        """One analysis of SPEC §6/§8 (see :mod:`maskaudit.analyses.run`); needs the metrics stage."""
+        if name not in ANALYSES:
             raise MaskauditError(f"unknown analysis {name!r}; expected one of {', '.join(ANALYSES)}")
         if not self.is_done("metrics"):
             raise MaskauditError(f"analysis {name}: the metrics are missing or stale; run `maskaudit metrics` first")
-        self._stage(name, lambda: ANALYSIS_FUNCTIONS[name](self), force)
+        self._stage(name, lambda: ANALYSES[name].run(self.context(name)), force)
 
     def report(self, force: bool = False) -> None:
         """Render report.html from whatever the run directory holds; redone whenever another stage or a
         job's training history has changed since the last one (a run in progress), not only its config."""
-        from maskaudit.report.html import report_inputs, write_report
-
-        inputs = report_inputs(self)
+        inputs = report_inputs(self.run)
         stale = self._records().get("report", {}).get("inputs") != inputs
-        self._stage("report", lambda: {**write_report(self), "inputs": inputs}, force or stale)
+        self._stage("report", lambda: {**write_report(self.run, self.report_view()), "inputs": inputs},
+                    force or stale)
 
     def run_all(self) -> Path:
-        """Every stage in order (``maskaudit run``; ``maskaudit probe`` for a config of probed models), under the
-        run directory's writer lock (:mod:`maskaudit.lock`; re-entrant: the CLI holds it already)."""
-        from maskaudit.lock import python_command, run_lock
-
+        """Every stage of :attr:`FLOW` in order, under the run directory's writer lock (:mod:`maskaudit.lock`;
+        re-entrant: the CLI holds it already)."""
         with run_lock(self.run.root, python_command("Audit.run_all")):
-            self.prepare()
-            self.split()
-            if not self.config.probing:
-                self.train()
-            self.predict()
-            self.metrics()
-            for name in ANALYSES:
-                if name in self.config.analyses.run:
-                    self.analyse(name)
-            self.report()
+            for stage in self.FLOW:
+                if stage in ANALYSES:
+                    if stage in self.config.analyses.run:
+                        self.analyse(stage)
+                else:
+                    getattr(self, stage)()
         return self.run.report
+
+    # ------------------------------------------------------------------ the per-model parts, run as jobs
+
+    def run_part(self, part: str, strategy: str, fold: int) -> dict:
+        """One job of part ``part``: train a model, predict with it, or one model's share of an analysis."""
+        ctx = self.context(part)
+        if part == "model":
+            return self.make_model(ctx, strategy, fold)
+        if part == "predictions":
+            return ctx.write_job_output(strategy, fold, "predictions", predict_job(ctx, strategy, fold))
+        return JOB_WORK[part](ctx, strategy, fold)
+
+    def make_model(self, ctx: Context, strategy: str, fold: int) -> dict:
+        """Train the model of (strategy, fold)."""
+        return train_job(ctx.config, ctx.store, ctx.splits, ctx.masking, strategy, fold, self.run.job(strategy, fold),
+                         self.fingerprint("model", strategy=strategy, fold=fold))
 
 
 def split_warnings(store: Store, splits: Splits) -> list[str]:
@@ -414,26 +472,7 @@ def split_warnings(store: Store, splits: Splits) -> list[str]:
     return found
 
 
-def open_job(run_root: str) -> tuple[Audit, Store, Splits]:
-    """What a job function opens first: the run's audit, its prepared store and its splits."""
-    audit = Audit.open(Path(run_root))
-    store = audit.store()
-    return audit, store, audit.splits(store)
-
-
-def run_train_job(run_root: str, strategy: str, fold: int) -> dict:
-    """One training job, as a plain function of (run directory, strategy, fold)."""
-    from maskaudit.train import train_job
-
-    audit, store, splits = open_job(run_root)
-    return train_job(audit.config, store, splits, strategy, fold, audit.run.job(strategy, fold),
-                     audit.job_fingerprint(strategy, fold))
-
-
-def run_predict_job(run_root: str, strategy: str, fold: int) -> dict:
-    """One job's cross-masking predictions, written into its folder."""
-    from maskaudit.predict import predict_job
-
-    audit, store, splits = open_job(run_root)
-    table = predict_job(audit.config, store, splits, audit.run, strategy, fold, audit.external_stores())
-    return audit.write_job_output(strategy, fold, "predictions", table, audit.predict_fingerprint(strategy, fold))
+def run_job(kind: type[Audit], run_root: str, part: str, strategy: str, fold: int) -> dict:
+    """One job, as a plain function of picklable arguments: the kind of audit (a class), the run directory, the
+    part and the model's (strategy, fold). It reads everything else from the run directory."""
+    return kind.open(Path(run_root)).run_part(part, strategy, fold)

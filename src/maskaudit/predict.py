@@ -19,14 +19,15 @@ import pandas as pd
 import torch
 
 from maskaudit.config import AuditConfig
-from maskaudit.data.splits import Splits
+from maskaudit.context import Context
 from maskaudit.data.store import Store
 from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN
 from maskaudit.models import build_model, load_checkpoint
 from maskaudit.progress import active
-from maskaudit.rundir import RunDir, write_json
+from maskaudit.rundir import RunDir
+from maskaudit.strategies import MaskSpec
 
 COLUMNS = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label", "probability"]
 
@@ -38,28 +39,24 @@ def probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(model(images).float())
 
 
-def scored_images(config: AuditConfig, store: Store, splits: Splits) -> np.ndarray:
-    """The store indices the models are scored on: the hold-out, or every image (``predict.images: all``)."""
-    return np.arange(store.n) if config.predict.images == "all" else splits.test
-
-
 def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
-                   config: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
+                   spec: MaskSpec, config: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
     """Probabilities (n_images, n_classes) of ``indices`` under each test strategy; one read per batch."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {s: [] for s in test_strategies}
     with torch.no_grad():
-        for batch in batches(store, indices, config, config.predict.batch_size, device,
+        for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for strategy in test_strategies:
-                out[strategy].append(probabilities(model, batch.masked(strategy, config, store)).cpu().numpy())
+                out[strategy].append(probabilities(model, batch.masked(strategy, spec)).cpu().numpy())
             active().step(len(batch.index))  # the stage's display counts images scored
     n_classes = model.n_classes
     return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
 
 
 def predict_parts(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
-                  config: AuditConfig, device: torch.device) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                  spec: MaskSpec, config: AuditConfig,
+                  device: torch.device) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """:func:`predict_images` over the images each strategy applies to: (indices, probabilities) per part.
 
     One part when every image has its masks; else ``full`` on all of them and the masked
@@ -68,12 +65,12 @@ def predict_parts(model: torch.nn.Module, store: Store, indices: np.ndarray, tes
     masked = store.masked[indices]
     others = [s for s in test_strategies if s != "full"]
     if masked.all() or not others:
-        return [(indices, predict_images(model, store, indices, test_strategies, config, device))]
+        return [(indices, predict_images(model, store, indices, test_strategies, spec, config, device))]
     parts = []
     if "full" in test_strategies:
-        parts.append((indices, predict_images(model, store, indices, ["full"], config, device)))
+        parts.append((indices, predict_images(model, store, indices, ["full"], spec, config, device)))
     if masked.any():
-        parts.append((indices[masked], predict_images(model, store, indices[masked], others, config, device)))
+        parts.append((indices[masked], predict_images(model, store, indices[masked], others, spec, config, device)))
     return parts
 
 
@@ -100,33 +97,26 @@ def long_table(probs: dict[str, np.ndarray], store: Store, indices: np.ndarray, 
     return pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
-def scorable_strategies(config: AuditConfig, store: Store) -> list[str]:
-    """The test strategies a store's images can be scored under: all of them, or ``full`` without masks."""
-    return list(config.eval_strategies) if store.rois else ["full"]
+def scorable_strategies(config: AuditConfig, spec: MaskSpec) -> list[str]:
+    """The test strategies a dataset's images can be scored under: all of them, or ``full`` without a ROI."""
+    return list(config.eval_strategies) if spec.roi is not None else ["full"]
 
 
-def job_model(config: AuditConfig, store: Store, run: RunDir, strategy: str, fold: int,
-              device: torch.device) -> torch.nn.Module:
-    """The model of job (strategy, fold), in eval mode on ``device``: trained by the run, or the probed model
-    named ``strategy`` (see :mod:`maskaudit.probe`)."""
-    if config.probing:
-        from maskaudit.probe import load_probed_model
-
-        probed = {m.name: m for m in config.models}
-        if strategy not in probed:
-            raise MaskauditError(f"no probed model named {strategy!r} (models: {', '.join(probed)})")
-        return load_probed_model(probed[strategy], store.classes, store.channels, device, store.image_size)
+def load_trained(config: AuditConfig, store: Store, run: RunDir, strategy: str, fold: int,
+                 device: torch.device) -> torch.nn.Module:
+    """The model trained by job (strategy, fold), in eval mode on ``device``."""
     model = build_model(config.model.model_copy(update={"weights": "none"}), n_classes=len(store.classes),
                         in_channels=store.channels)
     load_checkpoint(model, run.job(strategy, fold) / "model.pt")
     return model.to(device).eval()
 
 
-def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[AuditConfig, Store]] | None) -> int:
+def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[MaskSpec, Store]],
+                     config: AuditConfig) -> int:
     """How many images :func:`predict_job` passes through :func:`predict_images` (for the progress display)."""
     total = sum(len(indices) for indices in parts.values())
-    for ext_config, ext_store in (externals or {}).values():
-        strategies = scorable_strategies(ext_config, ext_store)
+    for spec, ext_store in externals.values():
+        strategies = scorable_strategies(config, spec)
         masked, others = int(ext_store.masked.sum()), any(s != "full" for s in strategies)
         if masked == ext_store.n or not others:
             total += ext_store.n
@@ -135,31 +125,28 @@ def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[Au
     return total
 
 
-def predict_job(config: AuditConfig, store: Store, splits: Splits, run: RunDir, strategy: str,
-                fold: int, externals: dict[str, tuple[AuditConfig, Store]] | None = None) -> pd.DataFrame:
-    """The job's model on the hold-out set (a probe: or every image), its validation fold and every external image.
-
-    ``externals`` maps each external dataset's name to its config (with its ROI) and store.
-    """
+def predict_job(ctx: Context, strategy: str, fold: int) -> pd.DataFrame:
+    """The job's model on the scored images (the hold-out; a probe: or every image), its validation fold (when the
+    plan has one) and every external image, each dataset masked by its own :class:`MaskSpec`."""
+    config, store, splits = ctx.config, ctx.store, ctx.splits
     device = resolve_device(config.train.device)
-    model = job_model(config, store, run, strategy, fold, device)
-    if config.probing:  # what the probed model was fed and which output became which class, for the report
-        write_json(run.job(strategy, fold) / "probe.json", model.describe())
-    parts = {"test": scored_images(config, store, splits)}
-    if config.predict.validation and not config.probing:
+    model = ctx.model(strategy, fold, device)
+    externals = ctx.external_sets()
+    parts = {"test": ctx.scored_images()}
+    if config.predict.validation and ctx.plan.validation:
         parts["val"] = splits.val(fold)
-    active().steps(_images_to_score(parts, externals), "images",
+    active().steps(_images_to_score(parts, externals, config), "images",
                    note=f"each under {len(config.eval_strategies)} maskings")
     frames = []
     for split, indices in parts.items():
-        probs = predict_images(model, store, indices, config.eval_strategies, config, device)
+        probs = predict_images(model, store, indices, config.eval_strategies, ctx.masking, config, device)
         frames.append(long_table(probs, store, indices, store.classes, MAIN, split, strategy, fold))
-    for name, (ext_config, ext_store) in (externals or {}).items():
+    for name, (spec, ext_store) in externals.items():
         if ext_store.channels != store.channels:
             raise MaskauditError(f"external dataset {name!r} has {ext_store.channels}-channel images, "
                                  f"the models were trained on {store.channels}")
         for indices, probs in predict_parts(model, ext_store, np.arange(ext_store.n),
-                                            scorable_strategies(ext_config, ext_store), ext_config, device):
+                                            scorable_strategies(config, spec), spec, config, device):
             frames.append(long_table(probs, ext_store, indices, store.classes, name, "external", strategy, fold))
     table = pd.concat(frames, ignore_index=True)
     table["label"] = table["label"].astype("float32")

@@ -10,6 +10,11 @@ Every path inside a run directory comes from :class:`RunDir`; no other module bu
       prepared/                      the prepared store (manifest.parquet, images.npy, dist_<roi>.npy, store.json)
       external/<name>/prepared/      the prepared store of each external dataset
       splits.json                    patient ids (and image ids) of the hold-out and of each fold
+      counts/                        what the report shows of the data, so that it needs no prepared store:
+                                     prepared (rows kept and rejected per kind of reason, per dataset, written
+                                     by prepare) and splits (images, patients and positives per split, written
+                                     by split), each .parquet and .csv
+      checks/<name>.json             the data check prepare ran on what it kept: main, then each external set
       jobs/<strategy>/fold_<k>/      model.pt, last.pt, history.csv, tb/, predictions.parquet, job.json
       predictions.parquet            the long table: every model x test strategy x image x class
       metrics/                       auc_by_fold, auc_matrix, delong (each .parquet and .csv)
@@ -193,6 +198,17 @@ class RunDir:
     @property
     def splits(self) -> Path:
         return self.root / "splits.json"
+
+    def counts(self, name: str) -> Path:
+        """A table of counts the report reads instead of the prepared store: ``prepared`` (rows kept and
+        rejected per kind of reason and dataset, :func:`maskaudit.data.store.count_table`) or ``splits``
+        (images, patients and positives per split, :func:`maskaudit.data.splits.split_count_table`)."""
+        return self.root / "counts" / f"{name}.parquet"
+
+    def check(self, name: str) -> Path:
+        """The data check of one dataset (``main`` or an external set's name) that ``prepare`` ran on what it
+        kept (:func:`maskaudit.data.check.write_check`)."""
+        return self.root / "checks" / f"{name}.json"
 
     @property
     def jobs(self) -> Path:

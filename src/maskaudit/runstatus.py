@@ -96,7 +96,7 @@ class JobStatus:
 class RunStatus:
     root: Path
     grid: str  # "3 strategies × 2 folds = 6 jobs"
-    probing: bool
+    probe: bool
     stages: list[StageStatus]
     jobs: list[JobStatus]
     now: datetime
@@ -275,7 +275,7 @@ def _typical_epoch(jobs: list[JobStatus]) -> float | None:
 
 
 def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jobs: list[JobStatus],
-                  grid: list[tuple[str, int]], probing: bool, now: datetime) -> list[StageStatus]:
+                  grid: list[tuple[str, int]], probe: bool, now: datetime) -> list[StageStatus]:
     selected = set((config.get("analyses") or {}).get("run") or []) if config is not None else set(ANALYSES)
     finished = {name: _finished(rec) for name, rec in records.items()}
     config_time = _mtime(run.config)
@@ -283,7 +283,7 @@ def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jo
     for index, name in enumerate(STAGES):
         record = records.get(name)
         if record is None:
-            out.append(_not_done(run, name, jobs, grid, probing, selected))
+            out.append(_not_done(run, name, jobs, grid, probe, selected))
             continue
         when = finished.get(name)
         notes = []
@@ -297,7 +297,7 @@ def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jo
                   and finished[d] > when]
         if redone:
             notes.append(f"may be stale: {', '.join(redone)} finished after it")
-        if name == "train" and not probing:
+        if name == "train" and not probe:
             unfinished = [j.name for j in jobs if j.state != "done"]
             if unfinished:
                 notes.append(f"but {len(unfinished)} job{'s' * (len(unfinished) != 1)} not finished "
@@ -308,9 +308,9 @@ def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jo
     return out
 
 
-def _not_done(run: RunDir, name: str, jobs: list[JobStatus], grid: list[tuple[str, int]], probing: bool,
+def _not_done(run: RunDir, name: str, jobs: list[JobStatus], grid: list[tuple[str, int]], probe: bool,
               selected: set[str]) -> StageStatus:
-    if name == "train" and probing:
+    if name == "train" and probe:
         return StageStatus(name, "not in a probe", note="models trained elsewhere")
     if name in ANALYSES and name not in selected:
         return StageStatus(name, "left out", note="not in analyses.run")
@@ -352,9 +352,9 @@ def run_status(run_dir: Path, now: datetime | None = None) -> RunStatus:
     now = now or datetime.now(UTC)
     config = _read_config(run)
     records = _read_records(run)
-    grid, probing, words = _grid(config, run)
+    grid, probe, words = _grid(config, run)
     epochs = (config or {}).get("train", {}).get("epochs") if isinstance((config or {}).get("train"), dict) else None
-    if probing:
+    if probe:
         jobs = [_probe_job(run, name) for name, _ in grid]
     else:
         first = [_train_job(run, s, k, epochs, now, math.inf) for s, k in grid]
@@ -366,7 +366,7 @@ def run_status(run_dir: Path, now: datetime | None = None) -> RunStatus:
     notes = []
     if config is None:
         notes.append("config.yaml is missing: the jobs listed are the job folders found")
-    return RunStatus(run.root, words, probing, _stage_states(run, config, records, jobs, grid, probing, now), jobs,
+    return RunStatus(run.root, words, probe, _stage_states(run, config, records, jobs, grid, probe, now), jobs,
                      now, notes)
 
 
@@ -417,7 +417,7 @@ def summary(status: RunStatus) -> str:
     text = ", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(status.jobs)} jobs)"
     done = [j.seconds for j in status.jobs if j.state == "done" and isinstance(j.seconds, int | float)]
     left = len(status.jobs) - counts.get("done", 0)
-    if done and left and not status.probing:
+    if done and left and not status.probe:
         mean = sum(done) / len(done)
         text += f"; {format_duration(mean)} per job: about {format_duration(mean * left)} of training left"
     return text
@@ -438,7 +438,7 @@ def format_status(status: RunStatus) -> str:
     lines = [f"run {status.root} ({status.grid})", "stages:"]
     lines += _plain_table(STAGE_HEADER, _stage_rows(status))
     if status.jobs:
-        lines.append("models:" if status.probing else "training jobs:")
+        lines.append("models:" if status.probe else "training jobs:")
         lines += _plain_table(JOB_HEADER, _job_rows(status))
         lines.append(summary(status))
     lines += status.notes
@@ -467,7 +467,7 @@ def show_status(run_dir: Path, console: Any = None) -> None:
         stages.add_row(escape(row[0]), f"[{styles.get(row[1], 'dim')}]{row[1]}[/]", *map(escape, row[2:]))
     console.print(stages)
     if status.jobs:
-        jobs = Table(title="models" if status.probing else "training jobs", title_justify="left")
+        jobs = Table(title="models" if status.probe else "training jobs", title_justify="left")
         for name in JOB_HEADER:
             jobs.add_column(name, no_wrap=name != "note", justify="right" if name in ("epochs", "took") else "left")
         for row in _job_rows(status):

@@ -65,8 +65,6 @@ import pandas as pd
 from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score
 
-from maskaudit.errors import MaskauditError
-
 #: The columns of one prediction set given to :func:`paired_test` and :func:`mean_auc_ci`.
 PREDICTION_COLUMNS = ("image_id", "label", "probability")
 
@@ -400,14 +398,14 @@ def _check_set(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """The set's three columns, sorted by image id; refuses missing columns and duplicated image ids."""
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
-        raise MaskauditError(
+        raise ValueError(
             f"{name}: missing column(s) {', '.join(missing)}; expected {', '.join(PREDICTION_COLUMNS)}; "
             f"got {', '.join(map(str, frame.columns))}"
         )
     duplicated = frame["image_id"][frame["image_id"].duplicated()].unique()
     if duplicated.size:
         shown = ", ".join(map(str, duplicated[:5]))
-        raise MaskauditError(
+        raise ValueError(
             f"{name}: {duplicated.size} image_id(s) occur more than once (e.g. {shown}); a prediction set holds one "
             "row per image: select one class, fold and strategy first"
         )
@@ -422,7 +420,7 @@ def _check_labels_agree(sets: list[pd.DataFrame], names: list[str]) -> None:
     if disagree.any():
         ids = disagree.index[disagree.to_numpy()]
         shown = ", ".join(map(str, ids[:5]))
-        raise MaskauditError(
+        raise ValueError(
             f"{', '.join(names)}: {len(ids)} shared image(s) have different labels (e.g. {shown}); "
             "the sets must come from the same label table"
         )
@@ -444,7 +442,7 @@ def paired_test(a: pd.DataFrame, b: pd.DataFrame) -> PairedTest:
 
     Raises
     ------
-    MaskauditError
+    ValueError
         When a column is missing, an image_id occurs twice within a set, or a shared image has different labels.
     """
     a, b = _check_set(a, "set a"), _check_set(b, "set b")
@@ -486,7 +484,7 @@ def mean_auc_ci(sets: list[pd.DataFrame], level: float = 0.95) -> AucEstimate:
 
     Raises
     ------
-    MaskauditError
+    ValueError
         When a column is missing, an image_id occurs twice within a set, or an image has different labels in
         two sets.
     ValueError
@@ -540,7 +538,7 @@ def mean_difference_test(sets_a: list[pd.DataFrame], sets_b: list[pd.DataFrame])
 
     Raises
     ------
-    MaskauditError
+    ValueError
         As :func:`paired_test`, for any of the sets.
     """
     if not sets_a or not sets_b:

@@ -38,6 +38,7 @@ from maskaudit.progress import DETAIL, active
 from maskaudit.rundir import atomic_path, read_json, write_json
 from maskaudit.seeds import derive_seed, torch_generator
 from maskaudit.stats import class_auc
+from maskaudit.strategies import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,15 @@ class JobState:
     history: list[dict] = field(default_factory=list)
 
 
-def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: str, config: AuditConfig,
+def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: str, spec: MaskSpec, config: AuditConfig,
               device: torch.device, loss_fn: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss, probabilities and labels of ``indices`` under ``strategy`` (no augmentation)."""
     model.eval()
     total, probs, labels = 0.0, [], []
     with torch.no_grad(), _autocast(device, config):
-        for batch in batches(store, indices, config, config.predict.batch_size, device,
+        for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
-            logits = model(batch.masked(strategy, config, store)).float()
+            logits = model(batch.masked(strategy, spec)).float()
             total += float(loss_fn(logits, batch.labels).sum())
             probs.append(torch.sigmoid(logits).cpu().numpy())
             labels.append(batch.labels.cpu().numpy())
@@ -95,7 +96,7 @@ def _autocast(device: torch.device, config: AuditConfig) -> torch.autocast:
                           enabled=config.train.amp and device.type == "cuda")
 
 
-def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, fold: int,
+def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec, strategy: str, fold: int,
               job_dir: Path, fingerprint: str) -> dict:
     """Train the model of (``strategy``, ``fold``) into ``job_dir``; returns the job summary.
 
@@ -140,9 +141,9 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
         shuffle = torch_generator(config.seed, "shuffle", strategy, fold, epoch)
         augment = torch_generator(config.seed, "augment", strategy, fold, epoch)
         train_loss, seen = 0.0, 0
-        for batch in batches(store, train_idx, config, config.train.batch_size, device,
+        for batch in batches(store, train_idx, spec, config.train.batch_size, device,
                              generator=shuffle, num_workers=config.train.num_workers):
-            x = augment_batch(batch.masked(strategy, config, store), config.train.augment, augment)
+            x = augment_batch(batch.masked(strategy, spec), config.train.augment, augment)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config):
@@ -153,7 +154,7 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, strategy: str, 
             scaler.update()
             train_loss += float(loss.detach()) * len(batch.index)
             seen += len(batch.index)
-        val_loss, probs, labels = _evaluate(model, store, val_idx, strategy, config, device, loss_fn)
+        val_loss, probs, labels = _evaluate(model, store, val_idx, strategy, spec, config, device, loss_fn)
         row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}
         for k, name in enumerate(classes):
             row[f"val_auc_{name}"] = class_auc(labels[:, k], probs[:, k])[0]

@@ -20,18 +20,20 @@ from sklearn.manifold import TSNE
 from maskaudit.config import AuditConfig
 from maskaudit.data.store import Store
 from maskaudit.loader import batches
+from maskaudit.report.figures import plt
+from maskaudit.strategies import MaskSpec
 
 
-def embed_images(model: torch.nn.Module, store: Store, indices: np.ndarray, strategies: list[str],
+def embed_images(model: torch.nn.Module, store: Store, indices: np.ndarray, strategies: list[str], spec: MaskSpec,
                  config: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
     """Penultimate features (n_images, F) of ``indices`` under each strategy."""
     out: dict[str, list[np.ndarray]] = {s: [] for s in strategies}
     model.eval()
     with torch.no_grad():
-        for batch in batches(store, indices, config, config.predict.batch_size, device,
+        for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for strategy in strategies:
-                out[strategy].append(model.embed(batch.masked(strategy, config, store)).float().cpu().numpy())
+                out[strategy].append(model.embed(batch.masked(strategy, spec)).float().cpu().numpy())
     return {s: np.concatenate(parts) for s, parts in out.items()}
 
 
@@ -75,8 +77,6 @@ def tsne_points(embeddings: dict[str, np.ndarray], perplexity: float, seed: int)
 
 def tsne_figure(points: pd.DataFrame, title: str):
     """Scatter of ``x``, ``y`` coloured by ``strategy``, with each strategy's marginal histograms."""
-    from maskaudit.report.figures import plt
-
     fig = plt.figure(figsize=(5.6, 5.2), dpi=150)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), wspace=0.05, hspace=0.05)
     ax = fig.add_subplot(grid[1, 0])

@@ -132,9 +132,13 @@ def explain(
     Raises
     ------
     MaskauditError
-        For an unknown method or masker, images that are not a float tensor ``(n, C, S, S)``, a class
-        index outside the model's logits, a missing or mismatched background, or a model SHAP's
-        gradient explainers cannot run on (e.g. one that applies ReLU in place).
+        For an unknown masker (``analyses.explain.masker``), or a model SHAP's gradient explainers
+        cannot run on (e.g. one that applies ReLU in place; the message says to use ``partition``).
+    ValueError, TypeError
+        For the caller's mistakes: an unknown method, images that are not a float tensor
+        ``(n, C, S, S)``, a class index outside the model's logits, a model that does not return
+        logits ``(B, K)``, ``max_evals`` or ``batch_size`` out of range, a missing or mismatched
+        background.
 
     Examples
     --------
@@ -170,21 +174,21 @@ def _attributions(
 ) -> np.ndarray:
     """What :func:`explain` computes, before the sum over channels: float64 array (n, C, S, S)."""
     if method not in METHODS:
-        raise MaskauditError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
     _check_images(images, "images")
     if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 3:
-        raise MaskauditError(f"max_evals must be an integer >= 3, got {max_evals!r}")
+        raise ValueError(f"max_evals must be an integer >= 3, got {max_evals!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MaskauditError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if method != "partition":
         if background is None:
-            raise MaskauditError(
+            raise ValueError(
                 f"method={method!r} needs a background batch (a few training images, (m, C, S, S)); "
                 "pass background=... or use method='partition'"
             )
         _check_images(background, "background")
         if background.shape[0] == 0 or tuple(background.shape[1:]) != tuple(images.shape[1:]):
-            raise MaskauditError(
+            raise ValueError(
                 f"background must hold at least one image shaped like the images {tuple(images.shape[1:])}, "
                 f"got {tuple(background.shape)}"
             )
@@ -204,9 +208,9 @@ def _attributions(
 
 def _check_images(images: object, name: str) -> None:
     if not isinstance(images, torch.Tensor):
-        raise MaskauditError(f"{name} must be a torch.Tensor (n, C, S, S), got {type(images).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (n, C, S, S), got {type(images).__name__}")
     if images.dim() != 4 or not images.is_floating_point():
-        raise MaskauditError(f"{name} must be a float tensor (n, C, S, S), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"{name} must be a float tensor (n, C, S, S), got {images.dtype} {tuple(images.shape)}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -235,12 +239,12 @@ def _check_class_index(model: nn.Module, first: torch.Tensor, class_index: int) 
     with torch.no_grad():
         logits = model(first)
     if logits.dim() != 2:
-        raise MaskauditError(f"the model must return logits (B, K), got shape {tuple(logits.shape)}")
+        raise ValueError(f"the model must return logits (B, K), got shape {tuple(logits.shape)}")
     n_classes = logits.shape[1]
     if isinstance(class_index, bool) or not isinstance(class_index, int | np.integer):
-        raise MaskauditError(f"class_index must be an integer, got {class_index!r}")
+        raise TypeError(f"class_index must be an integer, got {class_index!r}")
     if not 0 <= class_index < n_classes:
-        raise MaskauditError(f"class_index={class_index} but the model has {n_classes} logits (0..{n_classes - 1})")
+        raise ValueError(f"class_index={class_index} but the model has {n_classes} logits (0..{n_classes - 1})")
     return int(class_index)
 
 
@@ -489,7 +493,7 @@ def attribution_in_roi(attributions: np.ndarray, roi: np.ndarray) -> pd.DataFram
 
     Raises
     ------
-    MaskauditError
+    ValueError
         If the shapes differ, are not (n, S, S), the ROI is not boolean, or a map holds NaN or infinity.
 
     Examples
@@ -502,14 +506,14 @@ def attribution_in_roi(attributions: np.ndarray, roi: np.ndarray) -> pd.DataFram
     attributions = np.asarray(attributions, dtype=np.float64)
     roi = np.asarray(roi)
     if attributions.ndim != 3 or roi.shape != attributions.shape:
-        raise MaskauditError(f"attributions and roi must both be (n, S, S); got {attributions.shape} and {roi.shape}")
+        raise ValueError(f"attributions and roi must both be (n, S, S); got {attributions.shape} and {roi.shape}")
     if roi.dtype != bool:
         if not np.issubdtype(roi.dtype, np.integer) or not np.isin(roi, (0, 1)).all():
-            raise MaskauditError(f"roi must be boolean (or 0/1 integers), got dtype {roi.dtype}")
+            raise ValueError(f"roi must be boolean (or 0/1 integers), got dtype {roi.dtype}")
         roi = roi.astype(bool)
     if not np.isfinite(attributions).all():
         bad = np.flatnonzero(~np.isfinite(attributions).all(axis=(1, 2)))
-        raise MaskauditError(f"attributions hold NaN or infinity (images {bad[:5].tolist()})")
+        raise ValueError(f"attributions hold NaN or infinity (images {bad[:5].tolist()})")
     positive = np.clip(attributions, 0.0, None)
     total = positive.sum(axis=(1, 2))
     inside = (positive * roi).sum(axis=(1, 2))
@@ -573,7 +577,7 @@ def attribution_panels(
 
     Raises
     ------
-    MaskauditError
+    ValueError
         If there are no images or the shapes and the number of captions do not agree.
     """
     images = _as_numpy(images)
@@ -581,16 +585,16 @@ def attribution_panels(
     rois = None if rois is None else _as_numpy(rois).astype(bool)
     n = images.shape[0] if images.ndim == 4 else -1
     if n < 1 or images.shape[1] not in (1, 3):
-        raise MaskauditError(f"images must be (n, C, S, S) with n >= 1 and C = 1 or 3, got {images.shape}")
+        raise ValueError(f"images must be (n, C, S, S) with n >= 1 and C = 1 or 3, got {images.shape}")
     if attributions.shape != (n, *images.shape[2:]):
-        raise MaskauditError(
+        raise ValueError(
             f"attributions must be (n, S, S) = {(n, *images.shape[2:])} for images {images.shape}, "
             f"got {attributions.shape}"
         )
     if rois is not None and rois.shape != attributions.shape:
-        raise MaskauditError(f"rois must be (n, S, S) = {attributions.shape}, got {rois.shape}")
+        raise ValueError(f"rois must be (n, S, S) = {attributions.shape}, got {rois.shape}")
     if len(captions) != n:
-        raise MaskauditError(f"{n} images but {len(captions)} captions")
+        raise ValueError(f"{n} images but {len(captions)} captions")
     n_cols = 3 if rois is not None else 2
     fig, axes = plt.subplots(n, n_cols, figsize=(2.3 * n_cols + 0.6, 2.3 * n + 0.5), dpi=150, squeeze=False)
     headers = ["image", "ROI", "attribution"] if rois is not None else ["image", "attribution"]

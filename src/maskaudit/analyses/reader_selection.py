@@ -29,21 +29,14 @@ from maskaudit.data.store import Store
 from maskaudit.loader import batches
 from maskaudit.metrics import prediction_sets
 from maskaudit.rundir import atomic_path
+from maskaudit.strategies import MaskSpec
 
 
 def study_fold(config: AuditConfig) -> int:
-    """The fold whose models are read: ``analyses.reader.fold``, else 1 as the study (0 with one fold)."""
-    if config.probing:
-        return config.model_folds[0]
+    """The fold whose models a full audit's reader reads: ``analyses.reader.fold``, else 1 as the study (0 with one
+    fold)."""
     chosen = config.analyses.reader.fold
     return chosen if chosen is not None else min(1, config.folds - 1)
-
-
-def reader_pairs(config: AuditConfig) -> list[tuple[str, str]]:
-    """(model, masking) pairs whose cases are read: each strategy's own model (a probe: each model × masking)."""
-    if config.probing:
-        return [(m, t) for m in config.train_strategies for t in config.eval_strategies]
-    return [(s, s) for s in config.strategies if s in config.eval_strategies]
 
 
 def blinded_name(seed: int, strategy: str, class_name: str, image_id: str, model: str | None = None) -> str:
@@ -81,13 +74,13 @@ def select_cases(predictions: pd.DataFrame, pairs: list[tuple[str, str]], classe
                                        "n_positives"])
 
 
-def export_cases(cases: pd.DataFrame, store: Store, config: AuditConfig, out: Path) -> pd.DataFrame:
+def export_cases(cases: pd.DataFrame, store: Store, spec: MaskSpec, seed: int, out: Path) -> pd.DataFrame:
     """Write each case's masked image into ``out/images`` and return the key table (one row per case)."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     row_of = {image_id: i for i, image_id in enumerate(store.kept["image_id"])}
     key = cases.copy()
-    key["file"] = [blinded_name(config.seed, s, c, i, m)
+    key["file"] = [blinded_name(seed, s, c, i, m)
                    for s, c, i, m in zip(key["strategy"], key["class"], key["image_id"], key["model"], strict=True)]
     for name in store.classes:
         key[f"label_{name}"] = [store.labels[row_of[i], store.classes.index(name)] for i in key["image_id"]]
@@ -95,8 +88,8 @@ def export_cases(cases: pd.DataFrame, store: Store, config: AuditConfig, out: Pa
         indices = np.array([row_of[i] for i in part["image_id"]], dtype=np.int64)
         files = part["file"].tolist()
         done = 0
-        for batch in batches(store, indices, config, 64, torch.device("cpu")):
-            masked = batch.masked(strategy, config, store).clamp(0, 1).numpy()
+        for batch in batches(store, indices, spec, 64, torch.device("cpu")):
+            masked = batch.masked(strategy, spec).clamp(0, 1).numpy()
             for image in masked:
                 _save_png(image, store.image_max, images_dir / files[done])
                 done += 1

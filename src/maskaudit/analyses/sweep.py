@@ -22,13 +22,15 @@ from maskaudit.masking import scale_spread
 from maskaudit.metrics import MAIN
 from maskaudit.predict import probabilities
 from maskaudit.progress import active
+from maskaudit.report.figures import plt
 from maskaudit.stats import class_auc
+from maskaudit.strategies import MaskSpec
 
 KEYS = ["train_strategy", "test_strategy", "spread", "spread_px", "class"]
 
 
-def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray, config: AuditConfig,
-                      train_strategy: str, fold: int, device: torch.device) -> pd.DataFrame:
+def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray, spec: MaskSpec,
+                      config: AuditConfig, train_strategy: str, fold: int, device: torch.device) -> pd.DataFrame:
     """The model's probabilities on ``indices`` at every spread and test strategy of ``analyses.sweep``.
 
     Returns
@@ -47,12 +49,12 @@ def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray,
     shown.steps(len(indices) * len(unique_px), "images×spreads",
                 note=f"{len(unique_px)} spreads, each under {len(sweep.test_strategies)} maskings")
     with torch.no_grad():
-        for batch in batches(store, indices, config, config.predict.batch_size, device,
+        for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for px in unique_px:
                 grown = batch.at_spread(px)
                 for test_strategy in sweep.test_strategies:
-                    scores = probabilities(model, grown.masked(test_strategy, config, store))
+                    scores = probabilities(model, grown.masked(test_strategy, spec))
                     out[test_strategy, px].append(scores.cpu().numpy())
                 shown.step(len(batch.index))
     image_ids = store.kept["image_id"].to_numpy()[indices]
@@ -85,8 +87,6 @@ def sweep_aucs(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def sweep_figure(summary: pd.DataFrame, train_strategy: str, image_size: int):
     """One panel per test strategy: AUC (mean ± std over folds) against spread, one curve per class."""
-    from maskaudit.report.figures import plt
-
     part = summary[summary["train_strategy"] == train_strategy]
     tests = list(dict.fromkeys(part["test_strategy"]))
     fig, axes = plt.subplots(1, len(tests), figsize=(3.4 * len(tests), 2.9), dpi=150, sharey=True, squeeze=False)

@@ -36,9 +36,10 @@ The share of positive attribution inside the ROI (``explain``) is reported besid
 supporting evidence, not used by the rules: attribution maps are not calibrated enough to overrule
 models trained without the ROI.
 
-**A probe** (``maskaudit probe``: one model trained elsewhere, nothing trained on masked images) reads
-each probed model's own cells (:func:`probe_evidence`): ``full`` the model on full images, ``inside``
-the better of the model on ``only_roi`` and on ``only_roi_bbox`` images (the higher CI lower bound:
+**A probe** (``maskaudit probe``: one model trained elsewhere, nothing trained on masked images,
+:mod:`maskaudit.probe_audit`) reads each probed model's own cells
+(:func:`maskaudit.strategies.probe_cells`), worded by its :class:`Reading`: ``full`` the model on full
+images, ``inside`` the better of the model on ``only_roi`` and on ``only_roi_bbox`` images (the higher CI lower bound:
 either is evidence that survived masking), ``outside`` on ``no_roi_bbox`` (else ``no_roi``, whose hole
 shows the ROI's outline) images, and no ``shape`` cell. The rules are the same, one verdict per model
 and class, and every reading says what a probe cannot show: signal that *survives* masking is
@@ -61,6 +62,7 @@ import pandas as pd
 
 from maskaudit.analyses.evidence import evidence_flags, verdict_notes
 from maskaudit.config import VerdictConfig
+from maskaudit.strategies import evidence_cells as default_evidence
 
 #: verdict → (short label for the report, colour)
 VERDICTS = {
@@ -75,13 +77,24 @@ VERDICTS = {
     "not_predicted": ("not predicted by the probed model", "#ffffff"),
 }
 
-#: Which cells (training strategy, test strategy) each piece of evidence is read from, in order of preference.
-EVIDENCE = {
-    "full": [("full", "full")],
-    "inside": [("only_roi", "only_roi"), ("only_roi_bbox", "only_roi_bbox"), ("full", "only_roi")],
-    "outside": [("no_roi_bbox", "no_roi_bbox"), ("no_roi", "no_roi"), ("full", "no_roi_bbox"), ("full", "no_roi")],
-    "shape": [("roi_shape", "roi_shape")],
-}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a verdict's reading is worded, and the two rules that differ for a model trained elsewhere.
+
+    The default is a full audit's (models trained per masking); a probe gives its own
+    (:data:`maskaudit.probe_audit.PROBE_READING`).
+    """
+
+    who: str = "the models"
+    finds: str = "find"
+    does: str = "they do"
+    relies: str = "rely"
+    subject: str = "The full model"
+    best_inside: bool = False  # inside: the candidate with the highest CI lower bound, not the first there is
+    note_reversed: bool = False  # say when masking pushes a cell's whole CI below 0.5
+    caveat: str = ""  # appended to every determined reading
 
 
 @dataclass(frozen=True)
@@ -108,17 +121,6 @@ def shows_signal(auc: float, ci_low: float, rules: VerdictConfig) -> bool:
     return not math.isnan(auc) and ci_low > 0.5 and auc >= rules.min_auc
 
 
-def probe_evidence(model: str) -> dict[str, list[tuple[str, str]]]:
-    """The cells of :data:`EVIDENCE` for a probed model: the one model on each masking, no shape model."""
-    return {"full": [(model, "full")], "inside": [(model, "only_roi"), (model, "only_roi_bbox")],
-            "outside": [(model, "no_roi_bbox"), (model, "no_roi")], "shape": []}
-
-
-#: Appended to every reading of a probed model.
-PROBE_CAVEAT = (" A probe trains nothing on masked images: signal that survives masking is evidence, signal lost "
-                "under masking may only mean the masked images are unlike what the model was trained on.")
-
-
 def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]], best: bool = False) -> Cell | None:
     """The first of ``candidates`` the matrix has an AUC for; with ``best``, the one with the highest CI lower bound."""
     found = []
@@ -134,7 +136,7 @@ def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]], best: bool = F
 
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
                   attribution: dict | None = None, evidence_cells: dict | None = None,
-                  flags: pd.DataFrame | None = None) -> dict:
+                  flags: pd.DataFrame | None = None, words: Reading = Reading()) -> dict:
     """The verdict of one class.
 
     Parameters
@@ -147,21 +149,23 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     attribution : dict, optional
         ``in_roi`` (share of positive attribution inside the ROI), ``roi_area`` and ``ratio``, for full→full.
     evidence_cells : dict, optional
-        Where each piece of evidence is read: :data:`EVIDENCE` (default) or :func:`probe_evidence`;
-        with the latter the reading carries :data:`PROBE_CAVEAT`.
+        Where each piece of evidence is read: :func:`maskaudit.strategies.evidence_cells` (default), or a
+        probed model's :func:`maskaudit.strategies.probe_cells`.
     flags : DataFrame, optional
         The class's :func:`evidence_flags` (the run's tables, ``rules.evidence``); without them, those
         ``cells`` alone give: the hold-out counts (``n_pos``/``n_neg`` columns) and the cells under 0.5.
+    words : Reading
+        How the reading is worded (a full audit's by default).
 
     Returns
     -------
     dict with ``verdict``, ``reading`` (a plain sentence with the numbers, then :func:`verdict_notes`
     where the evidence is weak), ``weak_evidence`` (those notes alone) and the evidence columns.
     """
-    probe = evidence_cells is not None
-    who = "the model" if probe else "the models"
-    evidence = {name: _cell(cells, candidates, best=probe and name == "inside")
-                for name, candidates in (evidence_cells or EVIDENCE).items()}
+    evidence_cells = evidence_cells if evidence_cells is not None else default_evidence()
+    who = words.who
+    evidence = {name: _cell(cells, candidates, best=words.best_inside and name == "inside")
+                for name, candidates in evidence_cells.items()}
     signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
     full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
     base_signal = baseline is not None and shows_signal(baseline["auc"], baseline["ci_low"], rules)
@@ -176,7 +180,7 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     label = ""
     if full is None:
         verdict, reading = "undetermined", "The run has no full-image model on full images to compare with."
-        label, missing = _no_auc(cells, (evidence_cells or EVIDENCE)["full"])
+        label, missing = _no_auc(cells, evidence_cells["full"])
         reading = missing or reading
     elif base_signal and not better:
         verdict = "metadata"
@@ -196,16 +200,15 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
                    "something outside the ROI travels with the label; a shortcut is possible.")
     elif signal["outside"]:
         verdict = "outside"
-        reading = (f"Shortcut suspected: without the ROI {who} still find{'s' if probe else ''} it ({outside.text()}), "
-                   f"with the ROI alone {'it does' if probe else 'they do'} not ({seen(inside)}).")
+        reading = (f"Shortcut suspected: without the ROI {who} still {words.finds} it ({outside.text()}), "
+                   f"with the ROI alone {words.does} not ({seen(inside)}).")
     elif signal["inside"]:
         verdict = "roi"
         reading = (f"The ROI alone suffices ({inside.text()}) and the rest of the image does not "
-                   f"({seen(outside)}): {who} rel{'ies' if probe else 'y'} on the ROI.")
+                   f"({seen(outside)}): {who} {words.relies} on the ROI.")
     else:
         verdict = "unclear"
-        subject = "The model on full images" if probe else "The full model"
-        reading = (f"{subject} finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
+        reading = (f"{words.subject} finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
                    f"rest ({seen(outside)}) suffices: the evidence needs both; read the matrices.")
     if base_signal and verdict != "metadata":
         reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
@@ -218,11 +221,11 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     notes = verdict_notes(flags, [cell.name for cell in evidence.values() if cell is not None], rules.evidence)
     reading += "".join(f" {note}" for note in notes)
     reversed_cells = [cell for cell in (inside, outside) if cell is not None and cell.ci_high < 0.5]
-    if probe and reversed_cells:
+    if words.note_reversed and reversed_cells:
         reading += (f" Masking reverses the model's scores ({' and '.join(c.name for c in reversed_cells)}), "
                     "a sign that these images are outside what it was trained on.")
-    if probe and verdict != "undetermined":
-        reading += PROBE_CAVEAT
+    if words.caveat and verdict != "undetermined":
+        reading += words.caveat
     row = {"verdict": verdict, "label": label or VERDICTS[verdict][0], "reading": reading,
            "weak_evidence": " ".join(notes)}
     for name, cell in evidence.items():

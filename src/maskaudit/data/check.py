@@ -4,8 +4,8 @@
 :func:`maskaudit.data.store.prepare_store` would (the source's records and rejections, repeated
 image ids, records without masks, and :meth:`Source.header_problem`, which opens file headers
 only), and :func:`summarise` turns the rows into counts, warnings and errors. ``prepare`` runs the
-same :func:`summarise` over the store's manifest and keeps the result as ``check.json`` beside it,
-for its log and the report.
+same :func:`summarise` over the store's manifest and keeps the result in the run directory
+(:meth:`maskaudit.rundir.RunDir.check`, written by :func:`write_check`), for its log and the report.
 
 The rules (what :func:`summarise` reports):
 
@@ -55,14 +55,12 @@ from maskaudit.data.sources import make_source
 from maskaudit.data.sources.base import Rejected, Source
 from maskaudit.data.store import reason_kind
 from maskaudit.errors import MaskauditError
-from maskaudit.rundir import read_json
+from maskaudit.rundir import read_json, write_json
 
 #: A metadata column with at most this many distinct values is a grouping (camera, projection, sex …).
 MAX_GROUP_VALUES = 12
 #: More than this share of a group's (or the dataset's) rows rejected is a warning.
 REJECTED_SHARE = 0.05
-#: The file name of the check ``prepare`` keeps beside each prepared store's manifest.
-CHECK_FILE = "check.json"
 #: The group value of a known row whose value is missing.
 BLANK = "(blank)"
 
@@ -491,7 +489,7 @@ def check_config(config: AuditConfig) -> list[DataCheck]:
 
 
 def check_store(store: Any, config: AuditConfig, dataset: str = "main", external: bool = False) -> DataCheck:
-    """:func:`summarise` a prepared store's manifest (what ``prepare`` keeps as :data:`CHECK_FILE`)."""
+    """:func:`summarise` a prepared store's manifest (what ``prepare`` keeps with :func:`write_check`)."""
     return summarise(store.manifest, store.classes, store.metadata_columns, dataset=dataset, external=external,
                      source=_describe(store.source), folds=config.folds, test_fraction=config.test_fraction,
                      has_masks=bool(store.rois), masked_strategies=masked_strategies(config),
@@ -499,9 +497,14 @@ def check_store(store: Any, config: AuditConfig, dataset: str = "main", external
                      max_roi_fraction=config.data_checks.max_roi_fraction)
 
 
-def read_check(folder: Path) -> DataCheck | None:
-    """The check ``prepare`` kept in a prepared store's folder, or None when there is none."""
-    path = Path(folder) / CHECK_FILE
+def write_check(path: Path, check: DataCheck) -> None:
+    """Keep ``check`` at ``path``, the run's ``RunDir.check(dataset)`` (what ``prepare`` does)."""
+    write_json(path, check.to_dict())
+
+
+def read_check(path: Path) -> DataCheck | None:
+    """The check :func:`write_check` kept at ``path`` (``RunDir.check(dataset)``), or None when there is none."""
+    path = Path(path)
     return DataCheck.from_dict(read_json(path)) if path.is_file() else None
 
 

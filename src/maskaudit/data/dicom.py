@@ -40,7 +40,7 @@ Where each rule comes from
   range above), so the result spans [0, max − min] with black = 0 as in MONOCHROME2. pydicom
   itself never inverts (``pixel_array`` returns the stored values).
 * **Gray output**: uint8 when that nominal range lies inside [0, 255] (8-bit files); otherwise
-  uint16 through :func:`maskaudit.data.imaging._wide_to_uint16`, which keeps integral values in
+  uint16 through :func:`maskaudit.data.pixels.wide_to_uint16`, which keeps integral values in
   [0, 65535] exactly and maps anything else (negatives, floats from rescale or windowing,
   32-bit ranges) linearly from the image's [min, max] onto [0, 65535].
 * **Colour**: *RGB* as decoded; *YBR_FULL* / *YBR_FULL_422* converted to RGB with pydicom's
@@ -68,7 +68,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -76,7 +76,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from maskaudit.data.imaging import _wide_to_uint16, multi_frame
+from maskaudit.data.pixels import Color, multi_frame, wide_to_uint16
 from maskaudit.errors import MaskauditError
 
 try:  # pydicom >= 3
@@ -91,9 +91,6 @@ except ImportError:  # pragma: no cover - pydicom 2.4
     )
 
     _get_decoder = None  # type: ignore[assignment]
-
-if TYPE_CHECKING:
-    from maskaudit.data.imaging import Color
 
 Window = Literal["auto", "none"]
 
@@ -307,7 +304,7 @@ def _gray(ds: Dataset, stored: np.ndarray, window: Window, path: Path) -> tuple[
         if values.dtype == np.uint8:
             return np.ascontiguousarray(values), 255
         return np.clip(np.rint(values), 0, 255).astype(np.uint8), 255
-    wide = np.ascontiguousarray(_wide_to_uint16(values))
+    wide = np.ascontiguousarray(wide_to_uint16(values))
     kept = values.dtype == np.uint16 or bool(np.array_equal(wide, values))
     top = int(min(max(high, 1.0), 65535.0)) if kept else 65535
     return wide, top

@@ -22,15 +22,24 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from maskaudit.data.dicom import (
+    MAGIC,
+    MAGIC_OFFSET,
+    geometry,
+    has_magic,
+    header_channels,
+    read_dataset,
+    read_dicom_image,
+    read_dicom_mask,
+)
+from maskaudit.data.pixels import Color, wide_to_uint16
 from maskaudit.errors import MaskauditError
 
 if TYPE_CHECKING:
     from maskaudit.config import DicomOptions
 
-Color = Literal["gray", "rgb"]
-
 #: Bytes read to recognise a DICOM file: the 128-byte preamble and the ``DICM`` marker.
-_HEAD_BYTES = 132
+_HEAD_BYTES = MAGIC_OFFSET + len(MAGIC)
 
 #: Pillow modes whose pixels are wider than 8 bits; decoded through numpy, never ``convert("L")``
 #: (which clips 16-bit values instead of scaling them).
@@ -53,11 +62,6 @@ class ImageHeader:
     kind: str
 
 
-def multi_frame(path: Path | str, frames: int) -> str:
-    """Why a multi-frame DICOM file is refused (its decoding and header checks say the same)."""
-    return f"{path}: multi-frame DICOM ({frames} frames) is not supported; export each frame as its own file"
-
-
 def _head(path: Path) -> bytes:
     """The first bytes of ``path`` (to recognise DICOM); MaskauditError when it is missing or unreadable."""
     if not path.is_file():
@@ -71,7 +75,7 @@ def _head(path: Path) -> bytes:
 
 def _is_dicom(path: Path, head: bytes) -> bool:
     """A ``.dcm`` name (any case), or the ``DICM`` marker at byte 128 whatever the name."""
-    return path.suffix.lower() == ".dcm" or head[128:132] == b"DICM"
+    return path.suffix.lower() == ".dcm" or has_magic(head)
 
 
 def _open(path: Path) -> Image.Image:
@@ -130,24 +134,6 @@ def _has_alpha(img: Image.Image) -> bool:
     return "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
 
 
-def _wide_to_uint16(values: np.ndarray) -> np.ndarray:
-    """Integer or float pixels of a 'wide' mode as uint16.
-
-    Values already in [0, 65535] and integral are kept exactly. Anything else (negative
-    values, floats, 32-bit ranges) is mapped linearly from [min, max] onto [0, 65535].
-    """
-    if values.dtype == np.uint16:
-        return values
-    if values.size == 0:
-        return values.astype(np.uint16)
-    low, high = float(values.min()), float(values.max())
-    integral = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
-    if low >= 0 and high <= 65535 and integral:
-        return values.astype(np.uint16)
-    span = high - low if high > low else 1.0
-    return np.rint((values.astype(np.float64) - low) / span * 65535).astype(np.uint16)
-
-
 def read_image(path: Path, color: Color = "gray", dicom: DicomOptions | None = None) -> np.ndarray:
     """Decode one image file into a gray or RGB array.
 
@@ -188,12 +174,10 @@ def read_image(path: Path, color: Color = "gray", dicom: DicomOptions | None = N
     path = Path(path)
     head = _head(path)
     if _is_dicom(path, head):
-        from maskaudit.data.dicom import read_dicom_image
-
         return read_dicom_image(path, head, color, window=dicom.window if dicom is not None else "auto")
     img = _open(path)
     if img.mode in _WIDE_MODES:
-        gray16 = _wide_to_uint16(np.asarray(img))
+        gray16 = wide_to_uint16(np.asarray(img))
         if color == "gray":
             return np.ascontiguousarray(gray16)
         narrow = np.rint(gray16.astype(np.float32) / 257.0).astype(np.uint8)
@@ -227,8 +211,6 @@ def read_mask(path: Path) -> np.ndarray:
     path = Path(path)
     head = _head(path)
     if _is_dicom(path, head):
-        from maskaudit.data.dicom import read_dicom_mask
-
         return read_dicom_mask(path, head)
     img = _open(path)
     values = np.asarray(img)
@@ -261,11 +243,9 @@ def image_header(path: Path) -> ImageHeader:
     path = Path(path)
     head = _head(path)
     if _is_dicom(path, head):
-        from maskaudit.data import dicom
-
-        ds = dicom.read_dataset(path, head, header_only=True)
-        rows, columns, samples, frames = dicom.geometry(ds, path)
-        return ImageHeader(rows, columns, dicom.header_channels(ds, samples), frames, "dicom")
+        ds = read_dataset(path, head, header_only=True)
+        rows, columns, samples, frames = geometry(ds, path)
+        return ImageHeader(rows, columns, header_channels(ds, samples), frames, "dicom")
     with _pillow(path, "read image header") as img:
         width, height = img.size
         if _orientation(img) in _QUARTER_TURNS:  # as _open turns it: upright, a quarter turn swaps the sides
@@ -319,7 +299,7 @@ def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "i
         raise ValueError(f"size must be >= 1, got {size}")
     arr = np.asarray(array)
     if arr.ndim not in (2, 3):
-        raise MaskauditError(f"expected an (H, W) or (H, W, C) array, got shape {arr.shape}")
+        raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {arr.shape}")
     height, width = arr.shape[:2]
     new_h, new_w, top, left = pad_geometry(height, width, size)
     src = (arr > 0 if kind == "mask" else arr).astype(np.float32)

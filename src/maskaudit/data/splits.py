@@ -160,3 +160,36 @@ def load_splits(path: Path, kept: pd.DataFrame) -> Splits:
         return np.sort(np.array([index_of[i] for i in part["images"]], dtype=np.int64))
 
     return Splits(test=indices(raw["test"]), folds=[indices(f) for f in raw["folds"]], method=raw["method"])
+
+
+def split_count_table(kept: pd.DataFrame, splits: Splits, classes: list[str]) -> pd.DataFrame:
+    """Per split (``hold-out test``, then ``fold 0``, ``fold 1`` …): images, patients, positives per class.
+
+    Parameters
+    ----------
+    kept : DataFrame
+        The store's kept rows (``index``, ``patient_id`` and the class columns).
+    splits : Splits
+        The hold-out set and folds, as store indices.
+    classes : list of str
+        The classes; one missing from ``kept`` is left out.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``split``, ``images``, ``patients`` and ``<class> +`` per class: its positives with their
+        share of the split's images, as text (``"7 (35 %)"``). ``split`` keeps it as the run's ``counts/splits``
+        table (:meth:`maskaudit.rundir.RunDir.counts`), which the report reads.
+    """
+    parts = {"hold-out test": splits.test}
+    parts.update({f"fold {k}": idx for k, idx in enumerate(splits.folds)})
+    by_index = kept.set_index("index")
+    rows = []
+    for name, idx in parts.items():
+        chosen = by_index.loc[idx]
+        row = {"split": name, "images": len(idx), "patients": chosen["patient_id"].nunique()}
+        for cls in (c for c in classes if c in chosen.columns):
+            positives = int(np.nansum(pd.to_numeric(chosen[cls], errors="coerce").to_numpy(dtype=float)))
+            row[f"{cls} +"] = f"{positives} ({100 * positives / max(len(idx), 1):.0f} %)"
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -46,6 +46,7 @@ from maskaudit.data.imaging import resize_pad
 from maskaudit.data.sources.base import Record, Rejected, Source, shown_path
 from maskaudit.errors import MaskauditError, require_space
 from maskaudit.masking import signed_taxicab_distance
+from maskaudit.progress import stage
 from maskaudit.rundir import allocated, atomic_path, read_json, reserve, write_json, write_table
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,24 @@ def dist_file(key: str) -> str:
 def reason_kind(reason: str) -> str:
     """The kind of a rejection: its text before the first ``:``, ``;`` or ``(``."""
     return re.split(r"[:;(]", reason, maxsplit=1)[0].strip() if reason else ""
+
+
+def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows kept and rejected per kind of reason (:func:`reason_kind`) of a store's manifest.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``status``, ``reason`` (empty for the kept rows) and ``rows``: the kept rows first, then the
+        rejected ones, most first (ties by reason). ``prepare`` keeps it, one block per dataset, as the run's
+        ``counts/prepared`` table (:meth:`maskaudit.rundir.RunDir.counts`), which the report reads.
+    """
+    kinds = manifest["reason"].fillna("").map(reason_kind)
+    table = (pd.DataFrame({"status": manifest["status"], "reason": kinds})
+             .groupby(["status", "reason"], sort=False).size().reset_index(name="rows"))
+    order = table["status"].map({"kept": 0}).fillna(1)
+    return (table.assign(_order=order).sort_values(["_order", "rows", "reason"], ascending=[True, False, True])
+            .drop(columns="_order").reset_index(drop=True))
 
 
 def to_pixels(image01: np.ndarray, max_value: int) -> np.ndarray:
@@ -524,8 +543,6 @@ def _run(
             len(candidates) - len(todo),
             len(candidates),
         )
-    from maskaudit.progress import stage
-
     # the run's one progress display (maskaudit.progress): a bar on a terminal, log lines elsewhere
     shown = stage("prepare", len(candidates), unit="images", done=len(candidates) - len(todo),
                   mode=None if progress else "off")
@@ -975,21 +992,9 @@ class Store:
         return self._distances[roi_key]
 
     def counts(self) -> pd.DataFrame:
-        """Rows kept and rejected, per kind of reason: columns ``status``, ``reason``, ``count``."""
-        kinds = self.manifest["reason"].fillna("").map(reason_kind)
-        table = (
-            pd.DataFrame({"status": self.manifest["status"], "reason": kinds})
-            .groupby(["status", "reason"], sort=False)
-            .size()
-            .reset_index(name="count")
-        )
-        order = table["status"].map({"kept": 0}).fillna(1)
-        return (
-            table.assign(_order=order)
-            .sort_values(["_order", "count", "reason"], ascending=[True, False, True])
-            .drop(columns="_order")
-            .reset_index(drop=True)
-        )
+        """Rows kept and rejected, per kind of reason: columns ``status``, ``reason``, ``count``
+        (:func:`count_table` of the manifest)."""
+        return count_table(self.manifest).rename(columns={"rows": "count"})
 
     def __repr__(self) -> str:
         return (

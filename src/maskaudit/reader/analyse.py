@@ -34,8 +34,10 @@ import pandas as pd
 from scipy.stats import norm
 from sklearn.metrics import cohen_kappa_score
 
+from maskaudit.analyses.reader_selection import study_fold
 from maskaudit.config import AuditConfig, load_config
 from maskaudit.errors import MaskauditError
+from maskaudit.metrics import prediction_sets
 from maskaudit.reader import db
 from maskaudit.reader.study import StudyPaths, study_paths
 from maskaudit.rundir import write_json, write_table
@@ -195,8 +197,6 @@ def kappa_tables(answers: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFram
 
 def _model_pairs(paths, assignments: pd.DataFrame, config) -> list[tuple[str, str, int]]:
     """(model, masking, fold) whose predictions the study's images came from: the selection's, else own models."""
-    from maskaudit.analyses.reader_selection import study_fold
-
     if paths.selection.is_file():
         selection = pd.read_parquet(paths.selection)
         if {"model", "fold"} <= set(selection.columns):
@@ -208,8 +208,6 @@ def _model_pairs(paths, assignments: pd.DataFrame, config) -> list[tuple[str, st
 def model_table(paths: StudyPaths, assignments: pd.DataFrame, classes: list[str], config: AuditConfig | None,
                 level: float = LEVEL) -> tuple[pd.DataFrame, str]:
     """The models on the study's images (see the module's docstring); empty with a reason when unavailable."""
-    from maskaudit.metrics import prediction_sets
-
     if not paths.run.predictions.is_file() or config is None:
         return pd.DataFrame(), f"no model comparison: {paths.run.predictions} or config.yaml is missing"
     predictions = pd.read_parquet(paths.run.predictions)

@@ -3,17 +3,21 @@
 ``create`` and ``analyse`` write into the run directory, so they hold its writer lock
 (:mod:`maskaudit.lock`); ``serve`` does not: it may run for weeks beside other commands, and
 the answers it saves go to the study's SQLite database, which has locking of its own.
+
+Like :mod:`maskaudit.cli`, which adds this group, it imports only light modules at the top
+(:mod:`maskaudit.cli_common`: the one-line user errors, logging, the writer lock); the study,
+its web app (fastapi, uvicorn) and the pipeline are imported inside the commands.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from maskaudit.cli_common import setup_logging, user_errors, writer_lock
 
 reader_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="Blinded reader study of the run's selected images (create, serve, analyse).")
@@ -22,20 +26,8 @@ RunArg = Annotated[Path, typer.Argument(help="run directory")]
 log = logging.getLogger(__name__)
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """:func:`maskaudit.cli.user_errors`, looked up when the command runs (maskaudit.cli imports this module)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from maskaudit.cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 @reader_app.command()
-@_user_errors
+@user_errors
 def create(
     run_dir: RunArg,
     readers: Annotated[str, typer.Option("--readers", help="comma-separated reader names, e.g. alice,bob")],
@@ -45,11 +37,10 @@ def create(
         "--base-url", help="address the readers will open (as `serve` will listen)")] = "http://127.0.0.1:8000",
 ) -> None:
     """Create the study (or add readers to it): print each reader's personal link once, and the admin's."""
-    from maskaudit.cli import _setup_logging, writer_lock
     from maskaudit.reader.study import create_study, parse_readers, study_paths
 
     with writer_lock(run_dir):
-        _setup_logging(study_paths(run_dir).run.log)
+        setup_logging(study_paths(run_dir).run.log)
         links = create_study(run_dir, parse_readers(readers), cases, base_url)
     for name, link in links.items():
         typer.echo(f"{name}\t{link}")
@@ -58,7 +49,7 @@ def create(
 
 
 @reader_app.command()
-@_user_errors
+@user_errors
 def serve(
     run_dir: RunArg,
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
@@ -73,11 +64,10 @@ def serve(
     """Start the web app readers answer in (Ctrl+C stops it; answers are saved as they are given)."""
     import uvicorn
 
-    from maskaudit.cli import _setup_logging
     from maskaudit.reader.app import create_app, origins_for
     from maskaudit.reader.study import study_paths
 
-    _setup_logging(study_paths(run_dir).run.log)
+    setup_logging(study_paths(run_dir).run.log)
     origins = origins_for(host, port, base_url)
     app = create_app(run_dir, session_days, origins)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -88,20 +78,19 @@ def serve(
 
 
 @reader_app.command()
-@_user_errors
+@user_errors
 def analyse(run_dir: RunArg) -> None:
     """Score the answers against the labels, readers' agreement and the models; update the report."""
-    from maskaudit.cli import _setup_logging, writer_lock
-    from maskaudit.pipeline import Audit
+    from maskaudit.kinds import open_audit
     from maskaudit.reader.analyse import analyse_study
     from maskaudit.reader.study import study_paths
 
     with writer_lock(run_dir):
-        _setup_logging(study_paths(run_dir).run.log)
+        setup_logging(study_paths(run_dir).run.log)
         written = analyse_study(run_dir)
         for path in written.values():
             typer.echo(f"{path.with_suffix('.csv')}")
         if study_paths(run_dir).run.config.is_file():
-            audit = Audit.open(run_dir)
+            audit = open_audit(run_dir, check_files=False)
             audit.report(force=True)
             typer.echo(f"report: {audit.run.report}")

@@ -1,4 +1,8 @@
-"""Two runs side by side: hold-out AUC matrices, their difference, and verdicts (``maskaudit report --compare``)."""
+"""Two runs side by side: hold-out AUC matrices, their difference, and verdicts (``maskaudit report --compare``).
+
+Like the report, it reads the two run directories alone (their ``config.yaml``, metrics and verdict tables):
+no prepared store, no pipeline, and the data the runs were made from may have moved.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ import pandas as pd
 
 from maskaudit import __version__
 from maskaudit.analyses.verdict import VERDICTS
-from maskaudit.config import load_config
 from maskaudit.errors import MaskauditError
+from maskaudit.probe_report import report_view
 from maskaudit.report.figures import auc_colour, difference_colour
-from maskaudit.report.html import Table, _cell, _environment, fmt_auc
+from maskaudit.report.html import ReportView, Table, _cell, _environment, fmt_auc, matrix_models, run_config
 from maskaudit.rundir import RunDir, write_text
 
 
@@ -26,9 +30,11 @@ def _load(root: Path) -> dict:
     if not matrix_path.is_file():
         raise MaskauditError(f"{root} has no {matrix_path.relative_to(root)}; run `maskaudit metrics --out {root}`")
     verdict_path = run.analysis("verdict") / "verdict.parquet"
+    config = run_config(run)
     return {
         "root": root.resolve(),
-        "config": load_config(run.config),
+        "config": config,
+        "view": report_view(config),
         "matrix": pd.read_parquet(matrix_path),
         "verdict": pd.read_parquet(verdict_path) if verdict_path.is_file() else None,
     }
@@ -39,8 +45,9 @@ def _grid(matrix: pd.DataFrame, name: str, column: str) -> pd.DataFrame:
     return part.pivot(index="train_strategy", columns="test_strategy", values=column)
 
 
-def _matrix_table(caption: str, rows: list[str], cols: list[str], value, colour, title) -> Table:
-    table = Table(caption, ["train \\ test", *cols], corner=True)
+def _matrix_table(caption: str, rows: list[str], cols: list[str], value, colour, title,
+                  corner: str = ReportView.corner) -> Table:
+    table = Table(caption, [corner, *cols], corner=True)
     for r in rows:
         cells = [_cell(r, left=True)]
         for c in cols:
@@ -76,8 +83,9 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
     classes = [c for c in a["config"].classes if c in b["config"].classes]
     if not classes:
         raise MaskauditError(f"the runs share no class: {a['config'].classes} against {b['config'].classes}")
-    rows = [s for s in a["config"].train_strategies if s in b["config"].train_strategies]
+    rows = [s for s in matrix_models(a["matrix"]) if s in matrix_models(b["matrix"])]
     cols = [s for s in a["config"].eval_strategies if s in b["config"].eval_strategies]
+    corner = a["view"].corner if a["view"].corner == b["view"].corner else ReportView.corner
     sections = []
     for name in classes:
         means = [_grid(r["matrix"], name, "auc_mean").reindex(index=rows, columns=cols) for r in (a, b)]
@@ -89,11 +97,11 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
 
         tables = [
             _matrix_table(f"A: {name}", rows, cols, lambda r, c, k=k, m=means: float(m[k].at[r, c]), auc_colour,
-                          lambda r, c, k=k, ci=ci: f"{r}→{c}: AUC {ci(k, r, c)}") for k in (0, 1)
+                          lambda r, c, k=k, ci=ci: f"{r}→{c}: AUC {ci(k, r, c)}", corner) for k in (0, 1)
         ]
         tables.append(_matrix_table(
             f"B − A: {name}", rows, cols, lambda r, c, m=means: float(m[1].at[r, c] - m[0].at[r, c]),
-            difference_colour, lambda r, c, ci=ci: f"{r}→{c}: A {ci(0, r, c)}, B {ci(1, r, c)}"))
+            difference_colour, lambda r, c, ci=ci: f"{r}→{c}: A {ci(0, r, c)}, B {ci(1, r, c)}", corner))
         tables[1].caption = f"B: {name}"
         sections.append({"name": name, "tables": tables})
     verdicts = []

@@ -5,8 +5,14 @@ training histories. Every image is downscaled before it is inlined (see :data:`W
 PadChest-size run stays well under 20 MB. A stage that did not run, or an analysis left out of
 ``analyses.run``, gets a line that says so instead of an empty space: a run in progress (stopped
 after ``prepare``, after ``split``, mid-training) renders what it has, each missing section marked
-"not run yet" with the commands that make it. Nothing outside the run directory is opened: the
-data tables come from ``prepared/manifest.parquet``, not from the prepared images.
+"not run yet" with the commands that make it. Nothing outside the run directory is opened, and
+neither the prepared store nor the pipeline is needed: the configuration is the run's ``config.yaml``,
+the data tables are the counts ``prepare`` and ``split`` keep (``counts/prepared``, ``counts/splits``:
+:meth:`~maskaudit.rundir.RunDir.counts`) and the data checks are ``checks/<dataset>.json``.
+
+What differs between the report of a full audit and a probe's (the AUC matrices' corner, the
+introduction of the verdict, the training section, whether a train stage is still needed) is a
+:class:`ReportView`: the default is a full audit's; :func:`maskaudit.probe_report.probe_view` a probe's.
 
 Where the evidence is weak (:func:`maskaudit.analyses.evidence.evidence_flags`: few positives or
 negatives, scores below chance, a fold's model at chance on its validation images, a baseline on
@@ -33,13 +39,13 @@ from PIL import Image
 from maskaudit import __version__
 from maskaudit.analyses.evidence import FLAG_COLUMNS, run_evidence_flags, verdict_notes
 from maskaudit.analyses.verdict import VERDICTS
-from maskaudit.rundir import read_json, write_text
+from maskaudit.config import STAGES, AuditConfig, load_config
+from maskaudit.data.check import read_check
+from maskaudit.report.figures import auc_colour, save_figure, training_curves
+from maskaudit.rundir import RunDir, read_json, write_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from maskaudit.config import AuditConfig
-    from maskaudit.pipeline import Audit
 
 #: Largest width in pixels of each kind of inlined image; larger ones are downscaled.
 WIDTHS = {"chart": 900, "heatmap": 560, "panel": 720, "thumbnail": 160}
@@ -61,6 +67,38 @@ ANALYSIS_TITLES = {
     "reader": "Reader-study sheet",
     "verdict": "Verdict",
 }
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """What differs between the reports of two kinds of audit; ``ReportView()`` is a full audit's.
+
+    Attributes
+    ----------
+    corner : str
+        The corner of each AUC matrix: what its rows are, then its columns.
+    models_label : str
+        What a row of an AUC matrix is, in words (the heatmaps' axis).
+    trains : bool
+        Whether the run has a train stage: without one, the commands a missing section still needs skip it.
+    notice : str
+        Plain text (escaped) at the top of the verdict section, in place of the full audit's introduction;
+        empty: the full audit's.
+    models_section : callable, optional
+        ``(run, config) -> dict`` in place of :func:`training_section`: ``title`` and ``intro`` (plain text)
+        of the section and its ``table`` (a :class:`Table`); None: the training curves.
+    """
+
+    corner: str = "train \\ test"
+    models_label: str = "training masking"
+    trains: bool = True
+    notice: str = ""
+    models_section: Callable[[RunDir, AuditConfig], dict] | None = None
+
+
+def run_config(run: RunDir) -> AuditConfig:
+    """The run's own configuration (``config.yaml``); its data and model files need not exist any more."""
+    return load_config(run.config, check_files=False)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -222,7 +260,8 @@ def frame_table(frame: pd.DataFrame, caption: str, formats: dict[str, Callable[[
 
 
 def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: AuditConfig, caption: str,
-                     dataset: str = "main", flags: pd.DataFrame | None = None) -> Table | None:
+                     dataset: str = "main", flags: pd.DataFrame | None = None,
+                     corner: str = ReportView.corner) -> Table | None:
     """One class's AUC matrix as a coloured table (the study's layout); CI, std and folds on hover.
 
     Parameters
@@ -232,27 +271,27 @@ def auc_matrix_table(matrix: pd.DataFrame, class_name: str, split: str, config: 
     class_name, split, dataset : str
         Which rows of ``matrix``.
     config : AuditConfig
-        Gives the order of training strategies (rows) and test strategies (columns).
+        Gives the order of the test strategies (columns); the rows are :func:`matrix_models`.
     caption : str
         The table's caption.
     flags : DataFrame, optional
         :func:`maskaudit.analyses.evidence.evidence_flags`: a weak cell is marked :data:`WEAK`, its reasons
         on hover.
+    corner : str
+        The table's corner (:attr:`ReportView.corner`).
 
     Returns
     -------
     Table or None
         None when the split has no AUC of this class.
     """
-    from maskaudit.report.figures import auc_colour
-
     part = matrix[(matrix["class"] == class_name) & (matrix["split"] == split) & (matrix["dataset"] == dataset)]
     if part.empty or part["auc_mean"].isna().all():
         return None
     cells = part.set_index(["train_strategy", "test_strategy"])
     tests = [s for s in config.eval_strategies if s in set(part["test_strategy"])]
-    table = Table(caption, ["model \\ test" if config.probing else "train \\ test", *tests], corner=True)
-    for train in config.train_strategies:
+    table = Table(caption, [corner, *tests], corner=True)
+    for train in matrix_models(matrix):
         row = [_cell(train, left=True)]
         for test in tests:
             if (train, test) not in cells.index:
@@ -281,75 +320,51 @@ def _read(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-def _manifest_counts(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Rows kept and rejected per kind of reason (as :meth:`maskaudit.data.store.Store.counts`)."""
-    from maskaudit.data.store import reason_kind
-
-    kinds = manifest["reason"].fillna("").map(reason_kind)
-    table = (pd.DataFrame({"status": manifest["status"], "reason": kinds})
-             .groupby(["status", "reason"], sort=False).size().reset_index(name="rows"))
-    order = table["status"].map({"kept": 0}).fillna(1)
-    return (table.assign(_order=order).sort_values(["_order", "rows", "reason"], ascending=[True, False, True])
-            .drop(columns="_order").reset_index(drop=True))
+def matrix_models(matrix: pd.DataFrame) -> list[str]:
+    """The rows of an AUC matrix (``metrics/auc_matrix``): each model's name (its training strategy, or a probed
+    model's name), in the order the run made them."""
+    return list(dict.fromkeys(matrix["train_strategy"].astype(str)))
 
 
-def data_tables(audit: Audit) -> dict[str, Any]:
+def _datasets(config: AuditConfig) -> list[str]:
+    """``main``, then each external dataset's name."""
+    return ["main", *(ext.name for ext in config.external)]
+
+
+def data_tables(run: RunDir, config: AuditConfig, view: ReportView, stages: dict | None = None) -> dict[str, Any]:
     """Counts kept/rejected by reason, and per split: images, patients, positives per class.
 
-    Read from each prepared folder's ``manifest.parquet`` (every input row with its status and labels)
-    and ``splits.json``; the prepared images are not opened. ``status`` says what is missing.
+    Read from the tables ``prepare`` and ``split`` keep in the run directory (``counts/prepared`` and
+    ``counts/splits``, :meth:`~maskaudit.rundir.RunDir.counts`); the prepared store is not opened. ``status``
+    and ``split_status`` say what is missing: a table not there, or its stage not finished (``stages.json``).
     """
-    from maskaudit.data.splits import load_splits
-    from maskaudit.data.store import MANIFEST, MARKER
-    from maskaudit.errors import MaskauditError
-
-    run, config = audit.run, audit.config
-    folders = {"main": run.prepared, **{ext.name: run.external(ext.name) for ext in config.external}}
-    manifests = {name: pd.read_parquet(folder / MANIFEST) for name, folder in folders.items()
-                 if (folder / MANIFEST).is_file()}
+    stages = _stage_records(run) if stages is None else stages
+    names = _datasets(config)
+    counts = _read(run.counts("prepared"))
+    if counts is not None:
+        counts = counts[counts["dataset"].isin(names)].reset_index(drop=True)
+    present = set() if counts is None else set(counts["dataset"])
     tables: dict[str, Any] = {"status": "", "split_status": ""}
-    unfinished = [name for name, folder in folders.items() if not (folder / MARKER).is_file()]
-    if "main" not in manifests:
-        tables["status"] = f"not prepared yet: {_commands(audit, ['prepare'])}"
+    unfinished = names if "prepare" not in stages else [name for name in names if name not in present]
+    if "main" not in present:
+        tables["status"] = f"not prepared yet: {_commands(run, ['prepare'])}"
     elif unfinished:
         tables["status"] = (f"not prepared yet ({', '.join(unfinished)}: the preparation has not finished): "
-                            f"{_commands(audit, ['prepare'])}")
-    if manifests:
-        reasons = pd.concat([_manifest_counts(m).assign(dataset=name) for name, m in manifests.items()],
-                            ignore_index=True)
-        reasons["reason"] = reasons["reason"].replace("", "—")
-        tables["counts"] = reasons
-    if "main" not in manifests or not run.splits.is_file():
-        tables["split_status"] = f"not run yet: {_commands(audit, _missing_before(audit, 'split') + ['split'])}"
+                            f"{_commands(run, ['prepare'])}")
+    if present:
+        counts = counts.assign(reason=counts["reason"].replace("", "—"))
+        tables["counts"] = counts[["status", "reason", "rows", "dataset"]]
+    splits = _read(run.counts("splits"))
+    if "main" not in present or splits is None or "split" not in stages:
+        tables["split_status"] = f"not run yet: {_commands(run, [*_missing_before(view, 'split', stages), 'split'])}"
         return tables
-    manifest = manifests["main"]
-    kept = manifest[manifest["status"] == "kept"].sort_values("index").reset_index(drop=True)
-    try:
-        splits = load_splits(run.splits, kept)
-    except MaskauditError as error:
-        tables["split_status"] = f"not readable: {error}"
-        return tables
-    parts = {"hold-out test": splits.test}
-    parts.update({f"fold {k}": idx for k, idx in enumerate(splits.folds)})
-    by_index = kept.set_index("index")
-    rows = []
-    for name, idx in parts.items():
-        chosen = by_index.loc[idx]
-        row = {"split": name, "images": len(idx), "patients": chosen["patient_id"].nunique()}
-        for cls in (c for c in config.classes if c in chosen.columns):
-            positives = int(np.nansum(pd.to_numeric(chosen[cls], errors="coerce").to_numpy(dtype=float)))
-            row[f"{cls} +"] = f"{positives} ({100 * positives / max(len(idx), 1):.0f} %)"
-        rows.append(row)
-    tables["splits"] = pd.DataFrame(rows)
+    tables["splits"] = splits
     return tables
 
 
-def data_checks(audit: Audit) -> list[dict[str, Any]]:
-    """The data check ``prepare`` kept beside each prepared store (``check.json``): main, then external sets."""
-    from maskaudit.data.check import read_check
-
-    folders = {"main": audit.run.prepared, **{ext.name: audit.run.external(ext.name) for ext in audit.config.external}}
-    checks = [read_check(folder) for folder in folders.values()]
+def data_checks(run: RunDir, config: AuditConfig) -> list[dict[str, Any]]:
+    """The data check ``prepare`` kept of each dataset (``checks/<name>.json``): main, then external sets."""
+    checks = [read_check(run.check(name)) for name in _datasets(config)]
     return [check.to_dict() for check in checks if check is not None]
 
 
@@ -357,41 +372,40 @@ def data_checks(audit: Audit) -> list[dict[str, Any]]:
 _CHAIN = ("prepare", "split", "train", "predict", "metrics")
 
 
-def _command(audit: Audit, stage: str) -> str:
+def _command(run: RunDir, stage: str) -> str:
     name = f"analyse {stage}" if stage in ANALYSIS_TITLES else stage
-    return f"`maskaudit {name} --out {audit.run.root}`"
+    return f"`maskaudit {name} --out {run.root}`"
 
 
-def _commands(audit: Audit, stages: list[str]) -> str:
+def _commands(run: RunDir, stages: list[str]) -> str:
     """The commands that make ``stages``, in order: ``maskaudit split --out RUN``, then …"""
-    commands = [_command(audit, stage) for stage in stages]
+    commands = [_command(run, stage) for stage in stages]
     return commands[0] + (f", then {', '.join(commands[1:])}" if len(commands) > 1 else "")
 
 
-def _missing_before(audit: Audit, stage: str, stages: dict | None = None) -> list[str]:
-    """The stages before ``stage`` in :data:`_CHAIN` that have not finished (a probe trains nothing)."""
-    stages = _stage_records(audit) if stages is None else stages
-    chain = [s for s in _CHAIN if not (s == "train" and audit.config.probing)]
+def _missing_before(view: ReportView, stage: str, stages: dict) -> list[str]:
+    """The stages before ``stage`` in :data:`_CHAIN` that have not finished (train only where the view trains)."""
+    chain = [s for s in _CHAIN if view.trains or s != "train"]
     before = chain[:chain.index(stage)] if stage in chain else chain
     return [s for s in before if s not in stages]
 
 
-def _stage_records(audit: Audit) -> dict:
-    return read_json(audit.run.stages) if audit.run.stages.is_file() else {}
+def _stage_records(run: RunDir) -> dict:
+    return read_json(run.stages) if run.stages.is_file() else {}
 
 
-def _pending(audit: Audit, stages: dict, stage: str) -> str:
+def _pending(run: RunDir, view: ReportView, stages: dict, stage: str) -> str:
     """``not run yet: `maskaudit <stage> --out RUN``` after the commands of the stages it still needs."""
-    return f"not run yet: {_commands(audit, [*_missing_before(audit, stage, stages), stage])}"
+    return f"not run yet: {_commands(run, [*_missing_before(view, stage, stages), stage])}"
 
 
-def _status(audit: Audit, stages: dict, name: str) -> str:
+def _status(run: RunDir, config: AuditConfig, view: ReportView, stages: dict, name: str) -> str:
     """Why an analysis shows nothing (or a note it left), empty when it ran without one."""
-    if name not in audit.config.analyses.run:
+    if name not in config.analyses.run:
         return "not in analyses.run"
     record = stages.get(name)
     if not record:
-        return _pending(audit, stages, name)
+        return _pending(run, view, stages, name)
     return str(record.get("status", ""))
 
 
@@ -405,13 +419,13 @@ def _flag_texts(flags: pd.DataFrame, **where: str) -> list[str]:
     return list(flags.loc[chosen, "text"])
 
 
-def auc_sections(audit: Audit, matrix: pd.DataFrame | None, flags: pd.DataFrame | None = None,
+def auc_sections(run: RunDir, config: AuditConfig, view: ReportView, matrix: pd.DataFrame | None,
+                 flags: pd.DataFrame | None = None,
                  stages: dict | None = None) -> tuple[list[dict], list[Table], list[str]]:
     """Per class: the heatmap figure, the coloured hold-out table and its weak evidence; then hold-out vs
     validation vs external, and the weak evidence of the validation and external cells."""
-    run, config = audit.run, audit.config
     flags = _no_flags() if flags is None else flags
-    pending = _pending(audit, _stage_records(audit) if stages is None else stages, "metrics")
+    pending = _pending(run, view, _stage_records(run) if stages is None else stages, "metrics")
     classes = []
     for name in config.classes:
         entry = {"name": name, "heatmap": inline_image(run.figures / f"auc_{name}.png", "heatmap"), "table": None,
@@ -422,7 +436,7 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None, flags: pd.DataFrame 
         if matrix is not None:
             entry["table"] = auc_matrix_table(matrix, name, "test", config, f"{name}: hold-out AUC, mean of folds "
                                                                               "(hover a cell for its 95 % CI)",
-                                              flags=flags)
+                                              flags=flags, corner=view.corner)
         classes.append(entry)
     if matrix is None:
         return classes, [], []
@@ -435,7 +449,7 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None, flags: pd.DataFrame 
         diagonal = Table(f"{name}: AUC [95 % CI] of each model on its own masking, per split (mean of folds)",
                          ["train → test", *[label for _, _, label in present]])
         table = Table(f"{name}: every cell, per split", diagonal.header)
-        for train in config.train_strategies:
+        for train in matrix_models(matrix):
             for test in config.eval_strategies:
                 row = [_cell(f"{train} → {test}", left=True)]
                 for dataset, split, _ in present:
@@ -458,10 +472,9 @@ def auc_sections(audit: Audit, matrix: pd.DataFrame | None, flags: pd.DataFrame 
     return classes, comparison, weak
 
 
-def baseline_section(audit: Audit, flags: pd.DataFrame | None = None) -> dict:
+def baseline_section(run: RunDir, config: AuditConfig, flags: pd.DataFrame | None = None) -> dict:
     """The metadata baseline's AUCs (weak evidence marked), its DeLong tests, and every model's fold-mean
     DeLong test vs full→full."""
-    run, config = audit.run, audit.config
     flags = _no_flags() if flags is None else flags
     tables = []
     auc = _read(run.analysis("baseline") / "baseline_auc.parquet")
@@ -511,23 +524,23 @@ def baseline_section(audit: Audit, flags: pd.DataFrame | None = None) -> dict:
     return {"tables": tables, "delong": delong_tables}
 
 
-def explain_section(audit: Audit) -> dict:
+def explain_section(run: RunDir, config: AuditConfig) -> dict:
     """SHAP panels (one per explained pair and class) and the attribution-inside-ROI table."""
-    run, config = audit.run, audit.config
+    roi = _read(run.analysis("explain") / "attribution_in_roi.parquet")
+    pairs = [] if roi is None else list(dict.fromkeys(zip(roi["train_strategy"], roi["test_strategy"], strict=True)))
     panels = []
-    for train, test in config.explain_pairs:
+    for train, test in pairs:  # the pairs the explain stage explained, in its order
         for name in config.classes:
             uri = inline_image(run.figures / f"explain_{train}_{test}_{name}.png", "panel")
             if uri:
                 panels.append({"caption": f"{name}: {train} → {test}", "uri": uri})
     tables = []
-    roi = _read(run.analysis("explain") / "attribution_in_roi.parquet")
     if roi is not None and len(roi):
         table = Table("share of the positive attribution inside the ROI / the ROI's share of the image "
                       "(× ratio; above 1: the attribution concentrates in the ROI); hover for the number of images",
                       ["train → test", *config.classes])
         keyed = roi.set_index(["train_strategy", "test_strategy", "class"])
-        for train, test in dict.fromkeys(zip(roi["train_strategy"], roi["test_strategy"], strict=True)):
+        for train, test in pairs:
             row = [_cell(f"{train} → {test}", left=True)]
             for name in config.classes:
                 if (train, test, name) not in keyed.index:
@@ -542,8 +555,7 @@ def explain_section(audit: Audit) -> dict:
     return {"panels": panels, "tables": tables}
 
 
-def embed_section(audit: Audit) -> dict:
-    run = audit.run
+def embed_section(run: RunDir) -> dict:
     cosine = _read(run.analysis("embed") / "cosine.parquet")
     tables = []
     if cosine is not None and len(cosine):
@@ -555,10 +567,11 @@ def embed_section(audit: Audit) -> dict:
     return {"figures": [u for u in [inline_image(run.figures / "tsne.png")] if u], "tables": tables}
 
 
-def sweep_section(audit: Audit) -> dict:
-    run, config = audit.run, audit.config
-    figures = [inline_image(run.figures / f"sweep_{s}.png") for s in config.sweep_models]
+def sweep_section(run: RunDir) -> dict:
+    """The dilation sweep's figure per swept model (those of ``sweep.parquet``) and its table."""
     sweep = _read(run.analysis("sweep") / "sweep.parquet")
+    swept = [] if sweep is None else list(dict.fromkeys(sweep["train_strategy"]))
+    figures = [inline_image(run.figures / f"sweep_{s}.png") for s in swept]
     tables = []
     if sweep is not None and len(sweep):
         table = frame_table(sweep, "AUC against the ROI's dilation, mean ± std over folds", {
@@ -573,9 +586,8 @@ def sweep_section(audit: Audit) -> dict:
     return {"figures": [u for u in figures if u], "tables": tables}
 
 
-def reader_section(audit: Audit) -> dict:
+def reader_section(run: RunDir) -> dict:
     """Thumbnails of the reader-study images with strategy, class, percentile and probability (not blinded)."""
-    run = audit.run
     selection = _read(run.analysis("reader") / "selection.parquet")
     groups: list[dict] = []
     if selection is None:
@@ -646,31 +658,8 @@ def reader_results(folder: Path) -> dict | None:
             "threshold": summary.get("model_threshold", ""), "model_note": summary.get("model_note", "")}
 
 
-def probe_section(audit: Audit) -> dict:
-    """A probe's models: where each came from, what it is fed, which output is which class."""
-    rows = []
-    for m in audit.config.models:
-        seen = audit.run.job(m.name, 0) / "probe.json"
-        mapping = read_json(seen) if seen.is_file() else {}
-        rows.append({
-            "model": m.name, "source": m.source,
-            "from": " ".join(str(part) for part in (m.entry_point, m.weights, m.file) if part),
-            "input": mapping.get("input", "not loaded yet"),
-            "activation": mapping.get("activation", m.output.activation),
-            "classes → outputs": mapping.get("outputs", ""),
-            "not predicted": ", ".join(mapping.get("not_predicted", [])) or "none"})
-    table = frame_table(pd.DataFrame(rows), "each probed model: its source, the input made from the masked image, "
-                                            "and which of its outputs is which class")
-    return {"figure": None, "table": table, "probe": True}
-
-
-def training_section(audit: Audit) -> dict:
+def training_section(run: RunDir, config: AuditConfig) -> dict:
     """Training curves per job (figure written to figures/training_curves.*) and each job's kept epoch."""
-    from maskaudit.report.figures import save_figure, training_curves
-
-    run, config = audit.run, audit.config
-    if config.probing:
-        return probe_section(audit)
     histories: dict[str, dict[int, pd.DataFrame]] = {}
     rows = []
     for strategy in config.strategies:
@@ -694,7 +683,7 @@ def training_section(audit: Audit) -> dict:
     table = frame_table(pd.DataFrame(rows), "each job's training: epochs run and the epoch kept (lowest "
                                             "validation loss)", columns=["job", "epochs", "best epoch",
                                                                          "best val loss", "note"])
-    return {"figure": uri, "table": table, "pending": _pending(audit, _stage_records(audit), "train")}
+    return {"figure": uri, "table": table, "pending": _pending(run, ReportView(), _stage_records(run), "train")}
 
 
 def software_versions() -> list[tuple[str, str]]:
@@ -711,8 +700,6 @@ def software_versions() -> list[tuple[str, str]]:
 
 def stage_rows(stages: dict, config: AuditConfig) -> list[dict]:
     """One row per stage: when it finished, its seconds and notes, or why it did not run."""
-    from maskaudit.config import STAGES
-
     skip = {"fingerprint", "finished", "seconds", "inputs"}
     rows = []
     for name in STAGES:
@@ -771,7 +758,7 @@ def verdict_rows(verdicts: pd.DataFrame | None, flags: pd.DataFrame | None,
     return rows
 
 
-def report_inputs(audit: Audit) -> str:
+def report_inputs(run: RunDir) -> str:
     """What the report shows, in short: every other stage's record and each job's training history.
 
     The report stage is redone when it changes, so that the report of a run in progress follows the run.
@@ -779,46 +766,52 @@ def report_inputs(audit: Audit) -> str:
     import hashlib
     import json
 
-    records = {k: v for k, v in _stage_records(audit).items() if k != "report"}
-    histories = sorted((str(p.relative_to(audit.run.root)), p.stat().st_size, p.stat().st_mtime_ns)
-                       for p in audit.run.root.glob("jobs/*/fold_*/history.csv"))
+    records = {k: v for k, v in _stage_records(run).items() if k != "report"}
+    histories = sorted((str(p.relative_to(run.root)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in run.root.glob("jobs/*/fold_*/history.csv"))
     return hashlib.sha256(json.dumps([records, histories], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_report(audit: Audit) -> dict:
-    """Render ``report.html`` from the run directory (see the module's docstring).
+def write_report(run: RunDir, view: ReportView) -> dict:
+    """Render ``report.html`` from the run directory alone (see the module's docstring).
 
     Parameters
     ----------
-    audit : Audit
-        The run; only its files are read. Any stage may be missing: its sections say so.
+    run : RunDir
+        The run; only its files are read, its configuration from its ``config.yaml``. Any stage may be
+        missing: its sections say so.
+    view : ReportView
+        The kind of audit: ``ReportView()`` for a full audit, :func:`maskaudit.probe_report.probe_view`
+        for a probe.
 
     Returns
     -------
     dict
         ``{"bytes": size of the report}``, recorded in ``stages.json``.
     """
-    run, config = audit.run, audit.config
+    config = run_config(run)
     matrix = _read(run.metrics / "auc_matrix.parquet")
-    stages = _stage_records(audit)
+    stages = _stage_records(run)
     flags = run_evidence_flags(run, config.analyses.verdict.evidence)
-    classes, comparison, weak_others = auc_sections(audit, matrix, flags, stages)
+    classes, comparison, weak_others = auc_sections(run, config, view, matrix, flags, stages)
     verdicts = _read(run.analysis("verdict") / "verdict.parquet")
     analyses = {
-        "baseline": baseline_section(audit, flags), "explain": explain_section(audit), "embed": embed_section(audit),
-        "sweep": sweep_section(audit), "reader": reader_section(audit),
+        "baseline": baseline_section(run, config, flags), "explain": explain_section(run, config),
+        "embed": embed_section(run), "sweep": sweep_section(run), "reader": reader_section(run),
     }
     for name, section in analyses.items():
-        section["status"] = _status(audit, stages, name)
+        section["status"] = _status(run, config, view, stages, name)
         section["title"] = ANALYSIS_TITLES[name]
-    verdict_status = _status(audit, stages, "verdict")
+    verdict_status = _status(run, config, view, stages, "verdict")
     if verdicts is None and not verdict_status.startswith("not "):  # recorded, but its table is gone
-        verdict_status = f"not run yet: {_commands(audit, ['verdict'])}"
+        verdict_status = f"not run yet: {_commands(run, ['verdict'])}"
+    models_section = view.models_section or training_section
     html = _environment().get_template("report.html").render(
         verdicts=verdict_rows(verdicts, flags, config),
         has_verdicts=verdicts is not None,
-        probe_models=verdicts is not None and "model" in verdicts.columns,
+        model_column=verdicts is not None and "model" in verdicts.columns,
         verdict_status=verdict_status,
+        notice=view.notice,
         analyses=analyses,
         title=config.report.title,
         run=run.root.resolve(),
@@ -830,15 +823,13 @@ def write_report(audit: Audit) -> dict:
         weak_others=weak_others,
         weak_mark=WEAK,
         n_weak=len(flags),
-        metrics_status="" if matrix is not None else _pending(audit, stages, "metrics"),
-        training=training_section(audit),
-        probing=config.probing,
-        probe_images="every image" if config.predict.images == "all" else "the hold-out images",
-        data=data_tables(audit),
-        data_checks=data_checks(audit),
+        metrics_status="" if matrix is not None else _pending(run, view, stages, "metrics"),
+        training=models_section(run, config),
+        data=data_tables(run, config, view, stages),
+        data_checks=data_checks(run, config),
         stages=stage_rows(stages, config),
         versions=software_versions(),
-        config_yaml=run.config.read_text() if run.config.is_file() else "",
+        config_yaml=run.config.read_text(),
     )
     write_text(run.report, html)
     return {"bytes": len(html.encode())}

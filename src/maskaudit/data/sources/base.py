@@ -9,11 +9,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from maskaudit.errors import MaskauditError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from maskaudit.config import AuditConfig
 
 #: the longest path a rejection's reason shows whole
 SHOWN_PATH = 160
@@ -109,11 +114,20 @@ class Loaded:
 class Source(ABC):
     """Base class of the data sources. Instances must be picklable (workers load in parallel)."""
 
+    #: the ``data.source`` that names it (its key in :data:`maskaudit.data.sources.SOURCES`)
     name: str = ""
+    #: the schema of its ``data`` section: the member of :data:`maskaudit.config.DataConfig` whose ``source`` is
+    #: :attr:`name`
+    config_type: ClassVar[type[BaseModel]]
     #: named ROIs in order; the first is the default ROI of a run
     rois: tuple[str, ...] = ()
     #: 1 for gray (X-ray), 3 for RGB (fundus)
     channels: int = 1
+
+    @classmethod
+    def from_config(cls, config: AuditConfig) -> Source:
+        """The source of a run's config: ``cls(config.data)``; a source that needs more of the config overrides it."""
+        return cls(config.data)  # type: ignore[call-arg]
 
     @property
     @abstractmethod

@@ -112,6 +112,7 @@ class ChaksuSource(Source):
     """
 
     name = "chaksu"
+    config_type = ChaksuData
     rois = ("disc", "cup")
     channels = 3
     #: the only place Chákṣu's decision spelling is known (with its published misspelling, see the module)

@@ -58,6 +58,7 @@ class ChestXray14Source(Source):
     """
 
     name = "chestxray14"
+    config_type = ChestXray14Data
     rois = ("lungs", "heart")
     channels = 1
     #: the only place ChestX-ray14's spelling is known: normalised NIH finding → study class

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from maskaudit.config import FolderData
-from maskaudit.data.imaging import image_header, multi_frame, read_image, read_mask
+from maskaudit.data.imaging import image_header, read_image, read_mask
+from maskaudit.data.pixels import multi_frame
 from maskaudit.data.sources.base import (
     Loaded,
     Record,
@@ -98,6 +99,7 @@ class FolderSource(Source):
     """
 
     name = "folder"
+    config_type = FolderData
 
     def __init__(self, config: FolderData) -> None:
         self.config = config

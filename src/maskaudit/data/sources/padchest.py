@@ -110,6 +110,7 @@ class PadChestSource(Source):
     """
 
     name = "padchest"
+    config_type = PadChestData
     rois = ("lungs", "heart")
     channels = 1
     #: the only place PadChest's spelling of a class is known: PadChest label → study class

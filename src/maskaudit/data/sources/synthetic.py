@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from maskaudit.config import SyntheticData
+from maskaudit.config import AuditConfig, SyntheticData
 from maskaudit.data.sources.base import Loaded, Record, Source
 from maskaudit.errors import MaskauditError
 
@@ -233,6 +233,7 @@ class SyntheticSource(Source):
     ROIs disc and cup) images with planted, known signals; see the module docstring for the method."""
 
     name = "synthetic"
+    config_type = SyntheticData
 
     def __init__(self, config: SyntheticData, seed: int, image_size: int) -> None:
         low, high = config.images_per_patient
@@ -246,6 +247,11 @@ class SyntheticSource(Source):
         self.kind = config.kind
         self.rois = ("lungs", "heart") if config.kind == "cxr" else ("disc", "cup")
         self.channels = 1 if config.kind == "cxr" else 3
+
+    @classmethod
+    def from_config(cls, config: AuditConfig) -> SyntheticSource:
+        """The source of ``config.data``, drawn with the run's ``seed`` at its ``image_size`` (unless ``data.size``)."""
+        return cls(config.data, seed=config.seed, image_size=config.image_size)
 
     # ------------------------------------------------------------------------------------ interface
 
@@ -342,7 +348,7 @@ class SyntheticSource(Source):
             if follow:
                 return "remidio" if label else ("bosch" if u < 0.5 else "forus")
             return ("bosch", "forus", "remidio")[min(int(u * 3), 2)]
-        raise MaskauditError(f"unknown synthetic metadata column {column!r}")
+        raise ValueError(f"unknown synthetic metadata column {column!r}")  # the config allows only these four
 
     def _patient_metadata(self, p: int, states: Mapping[str, int]) -> dict[str, Any]:
         out: dict[str, Any] = {}
