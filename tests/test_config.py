@@ -64,3 +64,32 @@ def test_demo_configs_are_valid():
 
     for kind in ("cxr", "fundus"):
         config_from_dict(demo_config(kind))
+
+
+def test_paths_are_resolved_by_field_type_wherever_they_are(tmp_path: Path):
+    """Every Path field (and model.weights unless a word) is taken from the config's folder: in data, in an
+    external dataset, in a probed model; a new schema's Path field needs no list of keys."""
+    from pydantic import BaseModel
+
+    from maskaudit.config import _resolve_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "labels.csv").write_text("image,mask,a\n")
+    (tmp_path / "w.pt").write_bytes(b"")
+    raw = {"data": {"source": "synthetic"}, "model": {"weights": "w.pt"},
+           "external": [{"name": "x", "data": {"source": "folder", "labels_csv": "d/labels.csv", "classes": ["a"]}}]}
+    config = config_from_dict(raw, base=tmp_path)
+    assert config.external[0].data.labels_csv == tmp_path / "d" / "labels.csv"
+    assert config.model.weights == str(tmp_path / "w.pt")
+    assert config_from_dict({"data": {"source": "synthetic"}, "model": {"weights": "none"}}).model.weights == "none"
+    probed = config_from_dict({"data": {"source": "synthetic"}, "model": {
+        "source": "torchscript", "file": "w.pt", "output": {"names": ["opacity"]}}}, base=tmp_path)
+    assert probed.models[0].file == tmp_path / "w.pt"
+
+    class NewSource(BaseModel):
+        source: str = "new"
+        table: Path
+        title: str = ""
+
+    assert _resolve_paths({"table": "t.csv", "title": "t.csv"}, tmp_path, NewSource) == {
+        "table": str(tmp_path / "t.csv"), "title": "t.csv"}

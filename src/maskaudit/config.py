@@ -38,6 +38,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MaybePath:
+    """Marks a ``str`` field that is a file path unless it is one of ``words`` (``model.weights``: imagenet | none |
+    a path): :func:`_resolve_paths` resolves it like a ``Path`` field."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -259,7 +267,8 @@ DataConfig = Annotated[
 
 class ModelConfig(Strict):
     arch: str = "densenet121"
-    weights: str = Field("imagenet", description="imagenet | none | path to a local state dict")
+    weights: Annotated[str, MaybePath("imagenet", "none")] = Field(
+        "imagenet", description="imagenet | none | path to a local state dict")
     freeze: Literal["study", "none"] = "study"
     normalize: Literal["none", "imagenet"] = Field(
         "none", description="the study feeds [0, 1] images without ImageNet mean/std"
@@ -704,30 +713,38 @@ def _error_line(exc: ValidationError, origin: str, raw: Any = None) -> str:
     return f"{origin}: " + "; ".join(parts)
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    datas = [raw.get("data")]
-    if isinstance(raw.get("external"), list):
-        datas += [ext.get("data") for ext in raw["external"] if isinstance(ext, dict)]
-    for data in datas:
-        if not isinstance(data, dict):
-            continue
-        for key in ("labels_csv", "root", "chexmask_csv", "invalid_csv"):
-            if key == "root" and data.get("source") in ("synthetic", "folder"):
-                continue
-            if isinstance(data.get(key), str):
-                path = Path(data[key]).expanduser()
-                data[key] = str(path if path.is_absolute() else (base / path))
-    model = raw.get("model")
-    if isinstance(model, dict) and "source" not in model and model.get("weights") not in (None, "imagenet", "none"):
-        weights = Path(str(model["weights"])).expanduser()
-        model["weights"] = str(weights if weights.is_absolute() else (base / weights))
-    probed = [model] if isinstance(model, dict) and "source" in model else []
-    probed += [m for m in raw.get("models") or [] if isinstance(m, dict)]
-    for each in probed:
-        if isinstance(each.get("file"), str):
-            path = Path(each["file"]).expanduser()
-            each["file"] = str(path if path.is_absolute() else (base / path).resolve())
+def _resolve_paths(raw: dict[str, Any], base: Path, schema: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Every path of the config, by its field's type, taken from ``base`` when relative: a ``Path`` field (a
+    source's files, a probed model's file) or a :class:`MaybePath` one, wherever it is (``data``, ``external[i]``,
+    ``model``, ``models[i]``), so that a new source's path field resolves like the others."""
+    schema = schema or AuditConfig
+    for key, value in raw.items():
+        field = schema.model_fields.get(key)
+        if field is None:
+            continue  # an unknown key: validation names it
+        annotation = field.annotation
+        if schema is AuditConfig and key == "model" and isinstance(value, dict) and "source" in value:
+            annotation = ProbedModelConfig  # the one-model spelling of `models`
+        raw[key] = _resolve_value(value, annotation, field.metadata, base, field.discriminator)
     return raw
+
+
+def _resolve_value(value: Any, annotation: Any, metadata: list[Any], base: Path,
+                   discriminator: str | None = None) -> Any:
+    kind, tag = _unwrap(annotation, discriminator)
+    words = next((m.words for m in metadata if isinstance(m, MaybePath)), None)
+    if isinstance(value, str) and (kind is Path or (words is not None and value not in words)):
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+    if isinstance(value, dict):
+        if get_origin(kind) in (Union, types.UnionType) and tag:  # a tagged union: the member the value names
+            kind = next((m for m in get_args(kind) if _is_model(m) and tag in m.model_fields
+                         and value.get(tag) in get_args(m.model_fields[tag].annotation)), None)
+        if _is_model(kind):
+            return _resolve_paths(value, base, kind)
+    if isinstance(value, list) and get_origin(kind) is list and get_args(kind):
+        return [_resolve_value(item, get_args(kind)[0], [], base) for item in value]
+    return value
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "config", base: Path | None = None,
