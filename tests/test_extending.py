@@ -64,3 +64,15 @@ def test_the_study_strategies_are_registered_in_the_study_order():
                     ("full", "no_roi")],
         "shape": [("roi_shape", "roi_shape")],
     }
+
+
+def test_the_analyses_registry_and_the_config_sections_name_the_same_analyses():
+    """An analysis is its config section (analyses.<name>) and its registry entry; the stage table has its rows."""
+    from maskaudit.analyses.run import ANALYSES
+    from maskaudit.config import ANALYSES as SECTIONS
+    from maskaudit.pipeline import TABLE
+
+    assert tuple(ANALYSES) == SECTIONS
+    for name, analysis in ANALYSES.items():
+        assert TABLE[name].reads[0] == f"analyses.{name}"
+        assert all(TABLE[part.name].job and TABLE[part.name].output == part.output for part in analysis.parts)

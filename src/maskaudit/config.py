@@ -411,11 +411,6 @@ class ReportConfig(Strict):
 
 # ------------------------------------------------------------------------------------------ analyses
 
-#: The analyses, in the order they run (SPEC §6, §8); ``verdict`` reads the others.
-ANALYSES = ("baseline", "explain", "embed", "sweep", "reader", "verdict")
-#: Every stage of an audit, in order (:mod:`maskaudit.pipeline` runs them; ``maskaudit status`` reads them).
-STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
-
 #: A (training strategy, test strategy) pair: one model scored on one masking. In a probe, the first is a
 #: probed model's name.
 Pair = tuple[str, Strategy]
@@ -498,8 +493,18 @@ class VerdictConfig(Strict):
     evidence: EvidenceConfig = EvidenceConfig()
 
 
+def _known_analysis(name: str) -> str:
+    """``name`` when it is an analysis (a section of :class:`AnalysesConfig`), worded as pydantic words a Literal."""
+    if name not in ANALYSES:
+        *first, last = map(repr, ANALYSES)
+        raise ValueError(f"Input should be {', '.join(first)} or {last}")
+    return name
+
+
 class AnalysesConfig(Strict):
-    run: list[Literal[ANALYSES]] = Field(  # type: ignore[valid-type]
+    """Every analysis is a section named after it (its settings); ``run`` says which ones ``maskaudit run`` does."""
+
+    run: list[Annotated[str, AfterValidator(_known_analysis)]] = Field(
         default_factory=lambda: list(ANALYSES), description="which analyses `maskaudit run` does"
     )
     level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every AUC interval")
@@ -509,6 +514,14 @@ class AnalysesConfig(Strict):
     sweep: SweepConfig = SweepConfig()
     reader: ReaderConfig = ReaderConfig()
     verdict: VerdictConfig = VerdictConfig()
+
+
+#: The analyses, in the order they run (SPEC §6, §8): the sections of :class:`AnalysesConfig`, each an analysis of
+#: :data:`maskaudit.analyses.run.ANALYSES` (``verdict``, last, reads the others).
+ANALYSES = tuple(name for name, field in AnalysesConfig.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+#: Every stage of an audit, in order (:mod:`maskaudit.pipeline` runs them; ``maskaudit status`` reads them).
+STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
 
 
 # --------------------------------------------------------------------------------------------- root

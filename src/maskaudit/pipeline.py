@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from maskaudit.analyses.reader_selection import study_fold
-from maskaudit.analyses.run import ANALYSES, JOB_WORK
+from maskaudit.analyses.run import ANALYSES, FIGURES, JOB_WORK
 from maskaudit.config import AuditConfig, dump_config, load_config
 from maskaudit.context import Context, Plan
 from maskaudit.data.check import check_store, write_check
@@ -53,10 +53,9 @@ log = logging.getLogger(__name__)
 
 #: The masking keys every model part reads (:class:`maskaudit.strategies.MaskSpec`).
 MASKING = ("roi", "spread", "fill", "seed")
-#: Where every figure goes, read by each stage that draws one.
-FIGURES = "report.formats"
 
-#: The full audit's stages and per-model parts (``job``): the keys each reads, the parts it follows.
+#: The full audit's stages and per-model parts (``job``): the keys each reads, the parts it follows; each
+#: analysis brings its own rows (:meth:`maskaudit.analyses.run.Analysis.stages`).
 TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("store", reads=("data", "image_size", "data_checks.duplicate_images")),
     Stage("prepare", reads=("data", "image_size", "roi", "external", "data_checks", "seed", "folds", "test_fraction",
@@ -68,16 +67,7 @@ TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           job=True, output="predictions"),
     Stage("predict", jobs="predictions"),
     Stage("metrics", reads=("analyses.level", FIGURES), after=("predict",)),
-    Stage("baseline", reads=("analyses.baseline", "analyses.level"), after=("predict",)),
-    Stage("explain", reads=("analyses.explain", FIGURES), after=("predict",), jobs="explanations"),
-    Stage("explanations", reads=("analyses.explain", "predict.images"), after=("model",), job=True,
-          output="explain"),
-    Stage("embed", reads=("analyses.embed", FIGURES), after=("predict",)),
-    Stage("sweep", reads=("analyses.sweep", FIGURES), after=("predict",), jobs="sweep predictions"),
-    Stage("sweep predictions", reads=("analyses.sweep", "predict.images"), after=("model",), job=True,
-          output="sweep"),
-    Stage("reader", reads=("analyses.reader",), after=("predict",)),
-    Stage("verdict", reads=("analyses.verdict", "analyses.run"), after=("metrics", "baseline", "explain")),
+    *(row for analysis in ANALYSES.values() for row in analysis.stages()),
     Stage("report", reads=("",), after=("metrics", *ANALYSES)),
 )}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from maskaudit.progress import active
 from maskaudit.report.figures import save_figure
 from maskaudit.rundir import atomic_path, write_table
 from maskaudit.seeds import derive_seed
+from maskaudit.stages import Stage
 from maskaudit.stats import mean_difference_test
 
 log = logging.getLogger(__name__)
@@ -347,37 +348,80 @@ def attribution_evidence(ctx: Context, predictions: pd.DataFrame, cells: set[tup
 
 
 @dataclass(frozen=True)
+class Part:
+    """A per-model share of an analysis, run as one job per model and kept in its job folder.
+
+    ``work(ctx, strategy, fold) -> dict`` writes ``jobs/<strategy>/fold_<k>/<output>.parquet`` (through
+    :meth:`Context.write_job_output`); ``reads`` are the config keys it reads beyond its analysis's section.
+    """
+
+    name: str
+    output: str
+    work: Callable[[Context, str, int], dict]
+    reads: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Analysis:
-    """One analysis: its name (also its config section, ``analyses.<name>``), how it runs, what it gives.
+    """One analysis: its name (also its config section, ``analyses.<name>``), its row of the stage table, how it
+    runs, what it gives the verdict.
 
     Attributes
     ----------
     run : callable
         ``run(ctx) -> dict``: the stage (the dict is its record in ``stages.json``).
-    jobs : dict
-        Per-model part name (of the stage table) → ``job(ctx, strategy, fold) -> dict``.
+    reads : tuple of str
+        Config keys it reads beyond its own section (``report.formats`` for one that draws figures).
+    after : tuple of str
+        The stages whose outputs it reads (their fingerprints are part of its own).
+    parts : tuple of Part
+        Its per-model jobs (after the model part of the stage table).
     evidence : callable or None
         ``evidence(ctx, predictions, cells, full_cell) -> {class: dict}``: what it gives the verdict, passed to
         :func:`maskaudit.analyses.verdict.class_verdict` as ``verdict_input``.
+    section : callable or None
+        ``section(run, config) -> dict``: its part of the report, read from the run directory alone: ``intro``
+        (plain text), ``tables`` (:class:`maskaudit.report.html.Table`), ``figures`` (data URIs). The study's
+        analyses have sections of their own in the report's template; an added one shows this.
     """
 
     name: str
+    title: str
     run: Callable[[Context], dict]
-    jobs: dict[str, Callable[[Context, str, int], dict]] = field(default_factory=dict)
+    reads: tuple[str, ...] = ()
+    after: tuple[str, ...] = ("predict",)
+    parts: tuple[Part, ...] = ()
     evidence: Callable[..., dict[str, dict]] | None = None
     verdict_input: str = ""
+    section: Callable[..., dict] | None = None
+
+    def stages(self) -> list[Stage]:
+        """Its rows of the stage table: the stage, then each per-model part."""
+        own = f"analyses.{self.name}"
+        rows = [Stage(self.name, reads=(own, *self.reads), after=self.after,
+                      jobs=self.parts[0].name if self.parts else None)]
+        rows += [Stage(part.name, reads=(own, *part.reads), after=("model",), job=True, output=part.output)
+                 for part in self.parts]
+        return rows
 
 
-#: Every analysis, in the order ``maskaudit run`` runs them (the verdict reads the others).
+#: Where every figure goes (``report.formats``), read by each analysis that draws one.
+FIGURES = "report.formats"
+
+#: Every analysis, in the order ``maskaudit run`` runs them (the verdict reads the others). The names are the
+#: sections of :class:`maskaudit.config.AnalysesConfig` (``tests/test_extending.py`` checks both lists agree).
 ANALYSES: dict[str, Analysis] = {a.name: a for a in (
-    Analysis("baseline", run_baseline, evidence=baseline_evidence, verdict_input="baseline"),
-    Analysis("explain", run_explain, jobs={"explanations": run_explain_job}, evidence=attribution_evidence,
-             verdict_input="attribution"),
-    Analysis("embed", run_embed),
-    Analysis("sweep", run_sweep, jobs={"sweep predictions": run_sweep_job}),
-    Analysis("reader", run_reader),
-    Analysis("verdict", run_verdict),
+    Analysis("baseline", "Metadata baseline and DeLong tests", run_baseline, reads=("analyses.level",),
+             evidence=baseline_evidence, verdict_input="baseline"),
+    Analysis("explain", "SHAP attributions", run_explain, reads=(FIGURES,),
+             parts=(Part("explanations", "explain", run_explain_job, reads=("predict.images",)),),
+             evidence=attribution_evidence, verdict_input="attribution"),
+    Analysis("embed", "Embeddings: t-SNE and cosine similarity", run_embed, reads=(FIGURES,)),
+    Analysis("sweep", "Dilation sweep", run_sweep, reads=(FIGURES,),
+             parts=(Part("sweep predictions", "sweep", run_sweep_job, reads=("predict.images",)),)),
+    Analysis("reader", "Reader-study sheet", run_reader),
+    Analysis("verdict", "Verdict", run_verdict, reads=("analyses.run",), after=("metrics", "baseline", "explain")),
 )}
 
 #: Per-model part → its job function (the pipeline maps them as jobs).
-JOB_WORK = {part: job for a in ANALYSES.values() for part, job in a.jobs.items()}
+JOB_WORK = {part.name: part.work for a in ANALYSES.values() for part in a.parts}

@@ -38,6 +38,7 @@ from PIL import Image
 
 from maskaudit import __version__
 from maskaudit.analyses.evidence import FLAG_COLUMNS, run_evidence_flags, verdict_notes
+from maskaudit.analyses.run import ANALYSES
 from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.config import STAGES, AuditConfig, load_config
 from maskaudit.data.check import read_check
@@ -59,14 +60,8 @@ WEAK = "⚠"
 #: Packages whose versions the report lists.
 PACKAGES = ("maskaudit", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "shap", "matplotlib")
 
-ANALYSIS_TITLES = {
-    "baseline": "Metadata baseline and DeLong tests",
-    "explain": "SHAP attributions",
-    "embed": "Embeddings: t-SNE and cosine similarity",
-    "sweep": "Dilation sweep",
-    "reader": "Reader-study sheet",
-    "verdict": "Verdict",
-}
+#: Each analysis's title (its section's heading), from the registry.
+ANALYSIS_TITLES = {name: analysis.title for name, analysis in ANALYSES.items()}
 
 
 @dataclass(frozen=True)
@@ -799,6 +794,9 @@ def write_report(run: RunDir, view: ReportView) -> dict:
         "baseline": baseline_section(run, config, flags), "explain": explain_section(run, config),
         "embed": embed_section(run), "sweep": sweep_section(run), "reader": reader_section(run),
     }
+    added = {name: a.section(run, config) for name, a in ANALYSES.items() if name not in analyses
+             and a.section is not None and name in config.analyses.run}  # an analysis added to the registry
+    analyses.update(added)
     for name, section in analyses.items():
         section["status"] = _status(run, config, view, stages, name)
         section["title"] = ANALYSIS_TITLES[name]
@@ -813,6 +811,7 @@ def write_report(run: RunDir, view: ReportView) -> dict:
         verdict_status=verdict_status,
         notice=view.notice,
         analyses=analyses,
+        added=list(added),
         title=config.report.title,
         run=run.root.resolve(),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
