@@ -393,3 +393,12 @@ def test_missing_onnx_file_and_unknown_xrv_weights(tmp_path: Path):
         load_probed_model(config(source="torchxrayvision", weights="densenet121-res224-nope", pretrained=False),
                           NAMES, 1, CPU)
     one_line_naming_the_model(excinfo)
+
+
+def test_every_probed_model_source_of_the_config_has_a_loader():
+    from typing import get_args
+
+    from maskaudit.config import ProbedModelConfig
+    from maskaudit.probe import PROBE_SOURCES
+
+    assert set(PROBE_SOURCES) == set(get_args(ProbedModelConfig.model_fields["source"].annotation))

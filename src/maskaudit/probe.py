@@ -38,7 +38,7 @@ import importlib
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -542,6 +542,24 @@ def _load_xrv(config: ProbedModelConfig) -> tuple[nn.Module, list[str], str]:
     return net, names, activation
 
 
+#: Each probed model source (``models[].source``) and its loader: ``(config, device) -> (torch module or None,
+#: onnxruntime session or None, its output names or None, its activation or None)``; the last two are defaults
+#: that ``output.names``/``output.activation`` override.
+PROBE_SOURCES: dict[str, Callable[[ProbedModelConfig, torch.device], tuple[Any, Any, list[str] | None, str | None]]] = {
+    "python": lambda config, device: (_load_python(config), None, None, None),
+    "torchscript": lambda config, device: (_load_torchscript(config, device), None, None, None),
+    "onnx": lambda config, device: (None, _load_onnx(config, device), None, None),
+    "torchxrayvision": lambda config, device: _xrv_module(config),
+}
+
+
+def _xrv_module(config: ProbedModelConfig) -> tuple[nn.Module, None, list[str], str]:
+    """:func:`_load_xrv` as a :data:`PROBE_SOURCES` loader: its names and its resolved activation (its own
+    calibration, ``output.activation`` considered) replace the config's."""
+    net, names, activation = _load_xrv(config)
+    return net, None, names, activation
+
+
 def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_channels: int,
                       device: torch.device, image_size: int | None = None) -> ProbedModel:
     """Load ``config``'s model from its source and wrap it as a :class:`ProbedModel` for ``classes``.
@@ -582,23 +600,13 @@ def load_probed_model(config: ProbedModelConfig, classes: Sequence[str], in_chan
         does not return a module, weights that do not fit, unknown torchxrayvision weights, output
         names that do not match the model's output count, no dataset class predicted.
     """
-    session = None
-    net: nn.Module | None = None
     names = list(config.output.names) if config.output.names is not None else None
     activation = config.output.activation
     if config.file is not None and not Path(config.file).is_file():  # gone since the config was read
         raise _fail(config, f"file not found: {config.file}")
-    if config.source == "python":
-        net = _load_python(config)
-    elif config.source == "torchscript":
-        net = _load_torchscript(config, device)
-    elif config.source == "onnx":
-        session = _load_onnx(config, device)
-    elif config.source == "torchxrayvision":
-        net, default_names, activation = _load_xrv(config)
-        names = names if names is not None else default_names
-    else:  # pragma: no cover - the config's Literal rules it out
-        raise _fail(config, f"unknown source {config.source!r}")
+    net, session, default_names, default_activation = PROBE_SOURCES[config.source](config, device)
+    names = names if names is not None else default_names
+    activation = default_activation or activation
     if names is None:
         raise _fail(config, "output.names (the model's outputs in order) is required")
     if activation == "auto":

@@ -663,9 +663,9 @@ def prepare_store(
     """
     out = Path(out)
     if image_size < 1:
-        raise MaskauditError(f"image_size must be >= 1, got {image_size}")
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     if workers < 0:
-        raise MaskauditError(f"workers must be >= 0, got {workers}")
+        raise ValueError(f"workers must be >= 0, got {workers}")
     workers = workers or os.cpu_count() or 1
     rois = tuple(source.rois)
     unions = tuple(union_keys(rois, roi_keys))
