@@ -10,6 +10,7 @@ them), and the new SVG files appear.
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from pathlib import Path
@@ -184,3 +185,14 @@ def test_changing_report_formats_redraws_every_figure(tmp_path: Path):
     assert rerun == {"metrics", "sweep", "verdict", "report"}
     drawn = {path.stem for path in (out / "figures").glob("*.svg")}
     assert {"auc_opacity", "auc_device", "sweep_full", "training_curves"} <= drawn
+
+
+def test_an_analysis_naming_a_model_the_run_lacks_is_one_line_naming_the_key(tmp_path: Path):
+    from maskaudit.errors import MaskauditError
+
+    for raw, words in ((TINY, "strategies (full, no_roi, only_roi)"), (PROBE, "probed models (densenet121")):
+        config = config_from_dict(raw, check_files=False)
+        plan = audit_class(config)(RunDir(tmp_path), config).plan()
+        expected = f"analyses.sweep.train_strategies: 'nope' is not one of this run's {words}"
+        with pytest.raises(MaskauditError, match=re.escape(expected)):
+            plan.require("nope", "sweep.train_strategies")

@@ -37,8 +37,8 @@ class Plan:
         The prediction table's ``train_strategy`` values: the trained strategies, or the probed models' names.
     model_folds : list of int
         The folds that have a model (every fold; a probe: 0, its one model).
-    model_word : str
-        What a row of the AUC matrix is: ``training masking``, or ``probed model``.
+    models_word : str
+        What the models are, in a plural: ``strategies`` (each trained on its masking), or ``probed models``.
     explain_pairs, baseline_pairs, reader_pairs : list of (str, str)
         The (model, test masking) pairs SHAP explains, the metadata baseline is tested against, and whose cases
         a reader reads.
@@ -59,7 +59,7 @@ class Plan:
 
     models: list[str]
     model_folds: list[int]
-    model_word: str
+    models_word: str
     explain_pairs: list[tuple[str, str]]
     baseline_pairs: list[tuple[str, str]]
     reader_pairs: list[tuple[str, str]]
@@ -74,7 +74,7 @@ class Plan:
     def require(self, model: str, key: str) -> None:
         """A config key naming a model this run does not have is a one-line error naming the key."""
         if model not in self.models:
-            raise MaskauditError(f"analyses.{key}: {model!r} is not one of this run's {self.model_word}s "
+            raise MaskauditError(f"analyses.{key}: {model!r} is not one of this run's {self.models_word} "
                                  f"({', '.join(self.models)})")
 
 

@@ -141,7 +141,7 @@ class Audit:
         """What the analyses read of this kind of audit (defaults from ``analyses.*`` when they are not set)."""
         c, a = self.config, self.config.analyses
         return Plan(
-            models=self.models, model_folds=self.model_folds, model_word="training strategy",
+            models=self.models, model_folds=self.model_folds, models_word="strategies",
             explain_pairs=[tuple(p) for p in a.explain.pairs or [(s, s) for s in c.strategies]],
             baseline_pairs=[tuple(p) for p in a.baseline.compare or [("no_roi_bbox", "no_roi_bbox"), ("full", "full")]],
             reader_pairs=[(s, s) for s in c.strategies if s in c.eval_strategies],

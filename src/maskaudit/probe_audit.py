@@ -71,7 +71,7 @@ class ProbeAudit(Audit):
         c, a = self.config, self.config.analyses
         hookable = next((m.name for m in c.models if m.source in ("python", "torchxrayvision")), None)
         return replace(
-            super().plan(), model_word="probed model",
+            super().plan(), models_word="probed models",
             explain_pairs=[tuple(p) for p in a.explain.pairs or [(m, "full") for m in self.models]],
             baseline_pairs=[tuple(p) for p in a.baseline.compare or
                             [(m, t) for m in self.models for t in ("no_roi_bbox", "full") if t in c.eval_strategies]],
