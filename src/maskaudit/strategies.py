@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 #: Which piece of the verdict's evidence (:mod:`maskaudit.analyses.verdict`) a strategy's cells are read as.
 Role = Literal["full", "inside", "outside", "shape"]
@@ -142,8 +142,8 @@ def probe_cells(model: str) -> dict[str, list[tuple[str, str]]]:
 # ------------------------------------------------------------------------------------------ fills & spreads
 
 #: How the removed pixels are filled: zero (the study), the dataset's mean intensity, or seeded noise (SPEC §8).
-FILLS = ("zero", "mean", "noise")
 Fill = Literal["zero", "mean", "noise"]
+FILLS: tuple[str, ...] = get_args(Fill)
 
 #: The image size at which the study gives its spreads (SPEC §6.4).
 REFERENCE_SIZE = 512
