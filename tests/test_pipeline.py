@@ -62,6 +62,7 @@ def test_run_end_to_end_then_skip(tmp_path: Path):
         assert (out / "figures" / f"auc_{name}.png").is_file()
     html = (out / "report.html").read_text()
     # two AUC heatmaps and the training curves, inlined; nothing fetched from elsewhere
+    assert "Rows: the masking a model was trained with" in html and "models on the hold-out test set" in html
     assert html.count("data:image/png;base64,") == 3 and "http://" not in html.replace("http://www.w3", "")
     for job in ("full/fold_0", "only_roi/fold_1"):
         history = pd.read_csv(out / "jobs" / job / "history.csv")

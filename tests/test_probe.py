@@ -130,6 +130,7 @@ def test_probe_runs_every_analysis_and_says_what_a_probe_can_show(probed: Path):
     assert {"model", "strategy", "fold"} <= set(selection.columns) and set(selection["fold"]) == {0}
     html = (probed / "report.html").read_text()
     assert "This is a probe" in html and "Probed models" in html and "Training curves" not in html
+    assert "Rows: the probed model; columns" in html and "trained with" not in html.split("Rows:")[1][:60]
     for name in ("mine", "scripted", "renamed"):
         assert f">{name}<" in html
 

@@ -231,7 +231,8 @@ def test_a_probe_view_changes_the_corner_the_notice_and_the_models_section(built
                               "predict": {"images": "all"}}, check_files=False)
     view = probe_view(probe)
     assert view == ReportView(corner="model \\ test", models_label="probed model", trains=False,
-                              notice=probe_notice(probe), models_section=probe_section)
+                              notice=probe_notice(probe), models_section=probe_section,
+                              rows_are="the probed model", cells_are="the model's AUC on every image")
     assert report_view(probe) == view and report_view(_config()) == ReportView()
     assert probe_notice(probe).startswith("This is a probe: models trained elsewhere, scored as they are on every "
                                           "image under each masking")

@@ -64,8 +64,10 @@ def probe_section(run: RunDir, config: AuditConfig) -> dict:
 
 def probe_view(config: AuditConfig) -> ReportView:
     """A probe's report: a row per probed model, no train stage, the probe's notice and models section."""
+    scored = "every image" if config.predict.images == "all" else "the hold-out images"
     return ReportView(corner="model \\ test", models_label="probed model", trains=False,
-                      notice=probe_notice(config), models_section=probe_section)
+                      notice=probe_notice(config), models_section=probe_section, rows_are="the probed model",
+                      cells_are=f"the model's AUC on {scored}")
 
 
 def report_view(config: AuditConfig) -> ReportView:

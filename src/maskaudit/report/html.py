@@ -82,6 +82,8 @@ class ReportView:
     models_section : callable, optional
         ``(run, config) -> dict`` in place of :func:`training_section`: ``title`` and ``intro`` (plain text)
         of the section and its ``table`` (a :class:`Table`); None: the training curves.
+    rows_are, cells_are : str
+        What an AUC matrix's rows and cells are, in the words of the matrices' introduction.
     """
 
     corner: str = "train \\ test"
@@ -89,6 +91,8 @@ class ReportView:
     trains: bool = True
     notice: str = ""
     models_section: Callable[[RunDir, AuditConfig], dict] | None = None
+    rows_are: str = "the masking a model was trained with"
+    cells_are: str = "the mean AUC over the folds' models on the hold-out test set"
 
 
 def run_config(run: RunDir) -> AuditConfig:
@@ -812,6 +816,7 @@ def write_report(run: RunDir, view: ReportView) -> dict:
         notice=view.notice,
         analyses=analyses,
         added=list(added),
+        view=view,
         title=config.report.title,
         run=run.root.resolve(),
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
