@@ -272,3 +272,38 @@ def test_an_edited_labels_csv_prepares_again(tmp_path: Path, fundus_dir: Path):
     labels.iloc[:10].to_csv(data_dir / "labels.csv", index=False)
     _cli("prepare", "--out", str(out))
     assert len(pd.read_parquet(out / "prepared" / "manifest.parquet")) == 10
+
+
+def test_early_stopping_rules():
+    """The study's rule by default; min_epochs holds it off; val_auc improves upwards; NaN never improves."""
+    from maskaudit.train import EarlyStopping
+
+    study = EarlyStopping(patience=2, min_delta=0.01)
+    assert [study.step(v, e) for e, v in enumerate([1.0, 0.995, 0.98, 0.975])] == [True, False, True, False]
+    assert not study.stop and not study.step(0.99, 4) and study.stop and study.best_epoch == 2
+    held = EarlyStopping(patience=1, min_delta=0.0, min_epochs=4)
+    for epoch, value in enumerate([1.0, 2.0, 3.0]):
+        held.step(value, epoch)
+    assert held.counter == 2 and not held.stop  # only 3 of 4 epochs run
+    held.step(4.0, 3)
+    assert held.stop
+    auc = EarlyStopping(patience=2, min_delta=0.0, higher=True)
+    assert [auc.step(v, e) for e, v in enumerate([0.6, float("nan"), 0.7, 0.65])] == [True, False, True, False]
+    assert auc.best == 0.7 and EarlyStopping(**{k: v for k, v in vars(auc).items()}).best == 0.7  # resumable
+
+
+def test_monitor_val_auc_and_min_epochs_reach_training(tmp_path: Path):
+    cfg = _write(tmp_path, {**TINY, "strategies": ["full"], "train": {**TINY["train"], "epochs": 4, "patience": 1,
+                                                                     "min_epochs": 3, "monitor": "val_auc"}})
+    out = tmp_path / "run"
+    _cli("run", str(cfg), "--out", str(out))
+    job = read_json(out / "jobs" / "full" / "fold_0" / "job.json")
+    history = pd.read_csv(out / "jobs" / "full" / "fold_0" / "history.csv")
+    assert job["monitor"] == "val_auc" and job["epochs_run"] >= 3
+    means = history[["val_auc_opacity", "val_auc_device"]].mean(axis=1)
+    assert job["best_monitored"] == pytest.approx(means.max()) and job["best_epoch"] == int(means.idxmax())
+    assert job["best_val_loss"] == pytest.approx(history["val_loss"][job["best_epoch"]])
+    for name in ("opacity", "device"):
+        best = job["best_val_auc"][name]
+        assert best["auc"] == pytest.approx(history[f"val_auc_{name}"].max())
+        assert history[f"val_auc_{name}"][best["epoch"]] == pytest.approx(best["auc"])

@@ -297,6 +297,10 @@ class TrainConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     patience: int = Field(25, ge=1)
     min_delta: float = Field(0.001, ge=0)
+    min_epochs: int = Field(0, ge=0, description="early stopping never stops before this many epochs (the study: 0)")
+    monitor: Literal["val_loss", "val_auc"] = Field(
+        "val_loss", description="what early stopping and the kept weights follow: the summed validation loss (the "
+                                "study's) or the mean validation AUC over the classes (higher is better)")
     augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

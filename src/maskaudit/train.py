@@ -1,7 +1,9 @@
 """One job: a model trained under one masking strategy on one fold (SPEC §4).
 
 Adam, ``BCEWithLogitsLoss``, early stopping on the validation loss (the counter grows while
-``val_loss + min_delta > best``; the weights of the best validation loss are kept). Batches
+``val_loss + min_delta > best``; the weights of the best validation loss are kept), or with
+``train.monitor: val_auc`` on the mean validation AUC over the classes, and never before
+``train.min_epochs``; ``job.json`` also keeps each class's best validation AUC and its epoch. Batches
 are shuffled from the job's seed, masked, then augmented. After every epoch the job saves
 its whole state (``last.pt``), so a killed job resumes at the next epoch and ends with the
 same weights as an uninterrupted one: every epoch's randomness is drawn from a stream
@@ -45,25 +47,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EarlyStopping:
-    """The study's rule: stop after ``patience`` epochs without an improvement of more than ``min_delta``."""
+    """The study's rule: stop after ``patience`` epochs without an improvement of more than ``min_delta``.
+
+    ``higher``: the monitored value improves upwards (a validation AUC), else downwards (the study's validation
+    loss). It never stops before ``min_epochs`` epochs have run (the study: 0). An epoch whose value is NaN (no AUC
+    can be computed) is never an improvement.
+    """
 
     patience: int
     min_delta: float
     best: float = math.inf
     best_epoch: int = -1
     counter: int = 0
+    higher: bool = False
+    min_epochs: int = 0
+    seen: int = 0
 
-    def step(self, val_loss: float, epoch: int) -> bool:
+    def __post_init__(self) -> None:
+        if self.higher and self.best == math.inf:
+            self.best = -math.inf
+
+    def step(self, value: float, epoch: int) -> bool:
         """Record an epoch; True when it is the new best (its weights are to be kept)."""
-        if val_loss + self.min_delta > self.best:
+        self.seen = epoch + 1
+        better = (value - self.min_delta > self.best) if self.higher else (value + self.min_delta <= self.best)
+        if math.isnan(value) or not better:
             self.counter += 1
             return False
-        self.best, self.best_epoch, self.counter = val_loss, epoch, 0
+        self.best, self.best_epoch, self.counter = value, epoch, 0
         return True
 
     @property
     def stop(self) -> bool:
-        return self.counter >= self.patience
+        return self.counter >= self.patience and self.seen >= self.min_epochs
 
 
 @dataclass
@@ -118,7 +134,8 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
     optimizer = torch.optim.Adam(params, lr=config.train.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
-    stopper = EarlyStopping(config.train.patience, config.train.min_delta)
+    t = config.train
+    stopper = EarlyStopping(t.patience, t.min_delta, higher=t.monitor == "val_auc", min_epochs=t.min_epochs)
     state = JobState()
 
     last = job_dir / "last.pt"
@@ -158,7 +175,10 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
         row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}
         for k, name in enumerate(classes):
             row[f"val_auc_{name}"] = class_auc(labels[:, k], probs[:, k])[0]
-        improved = stopper.step(val_loss, epoch)
+        aucs = [row[f"val_auc_{name}"] for name in classes]
+        mean_auc = float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan
+        improved = stopper.step(val_loss if t.monitor == "val_loss" else mean_auc, epoch)
+        named = "" if t.monitor == "val_loss" else "AUC "  # what the early-stopping numbers are
         row["best"] = improved
         state.history.append(row)
         for key, value in row.items():
@@ -173,12 +193,12 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
         if improved:
             standing = "best so far, saved as model.pt"
         else:
-            standing = (f"best {stopper.best:.4f} at epoch {stopper.best_epoch + 1}; {stopper.counter}/"
+            standing = (f"best {named}{stopper.best:.4f} at epoch {stopper.best_epoch + 1}; {stopper.counter}/"
                         f"{stopper.patience} epochs without an improvement of more than {stopper.min_delta:g}")
         log.info("%s fold %d epoch %d/%d: train loss %.4f, val loss %.4f (%s)", strategy, fold, epoch + 1,
                  config.train.epochs, row["train_loss"], val_loss, standing, extra=DETAIL)
-        shown.step(note=f"improved: val {val_loss:.4f}" if improved else
-                   f"best val {stopper.best:.4f} (epoch {stopper.best_epoch + 1})")
+        shown.step(note=f"improved: val {named}{stopper.best:.4f}" if improved else
+                   f"best val {named}{stopper.best:.4f} (epoch {stopper.best_epoch + 1})")
     writer.close()
 
     history = _write_history(job_dir, state.history)
@@ -189,7 +209,11 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
         "seed": job_seed,
         "epochs_run": len(history),
         "best_epoch": stopper.best_epoch,
-        "best_val_loss": stopper.best,
+        "monitor": t.monitor,
+        "best_monitored": stopper.best,
+        "best_val_loss": state.history[stopper.best_epoch - state.history[0]["epoch"]]["val_loss"]
+        if stopper.best_epoch >= 0 else math.nan,
+        "best_val_auc": best_val_aucs(history, classes),
         "stopped_early": stopper.stop,
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
@@ -230,6 +254,20 @@ def save_checkpoint(obj: object, path: Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def best_val_aucs(history: pd.DataFrame, classes: list[str]) -> dict[str, dict]:
+    """Per class, the best validation AUC any epoch reached and that epoch (counted from 0; None without an AUC):
+    whether a model ever learnt a class, beside the epoch whose weights were kept."""
+    out = {}
+    for name in classes:
+        column = pd.to_numeric(history.get(f"val_auc_{name}", pd.Series(dtype=float)), errors="coerce")
+        if column.notna().any():
+            at = int(column.idxmax())
+            out[name] = {"auc": float(column[at]), "epoch": int(history["epoch"][at])}
+        else:
+            out[name] = {"auc": None, "epoch": None}
+    return out
 
 
 def _write_history(job_dir: Path, rows: list[dict]) -> pd.DataFrame:
