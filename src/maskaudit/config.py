@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from maskaudit.errors import MaskauditError
-from maskaudit.strategies import STRATEGIES, SWEEP_SPREADS, Fill, check_strategy, study_strategies
+from maskaudit.strategies import STRATEGIES, SWEEP_SPREADS, Fill, check_strategy, one_of, study_strategies
 
 #: The study's five masking strategies (SPEC §2), the default of ``strategies``.
 STUDY_STRATEGIES = tuple(study_strategies())
@@ -500,8 +500,7 @@ class VerdictConfig(Strict):
 def _known_analysis(name: str) -> str:
     """``name`` when it is an analysis (a section of :class:`AnalysesConfig`), worded as pydantic words a Literal."""
     if name not in ANALYSES:
-        *first, last = map(repr, ANALYSES)
-        raise ValueError(f"Input should be {', '.join(first)} or {last}")
+        raise ValueError(one_of(ANALYSES))
     return name
 
 
@@ -637,6 +636,22 @@ class AuditConfig(Strict):
         """The kind of audit (:mod:`maskaudit.kinds`): ``probe`` for models trained elsewhere (``models``), else
         ``audit``, which trains its own."""
         return "probe" if self.models else "audit"
+
+    def dataset(self, name: str) -> tuple[Any, str | None]:
+        """Dataset ``name``'s ``data`` section and ROI: the run's own (``main``), or an external dataset's, whose
+        ROI defaults to the run's."""
+        if name == "main":
+            return self.data, self.roi
+        ext = next(e for e in self.external if e.name == name)
+        return ext.data, ext.roi or self.roi
+
+    def for_dataset(self, name: str) -> AuditConfig:
+        """The config dataset ``name`` is prepared and checked under: the run's settings with that dataset's
+        :meth:`dataset` as its data and ROI, and no external dataset of its own."""
+        if name == "main":
+            return self
+        data, roi = self.dataset(name)
+        return self.model_copy(update={"data": data, "roi": roi, "external": []})
 
     @property
     def eval_strategies(self) -> list[str]:

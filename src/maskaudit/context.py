@@ -42,6 +42,8 @@ class Plan:
     explain_pairs, baseline_pairs, reader_pairs : list of (str, str)
         The (model, test masking) pairs SHAP explains, the metadata baseline is tested against, and whose cases
         a reader reads.
+    explain_folds : list of int
+        Whose fold's models SHAP explains (``analyses.explain.folds``).
     sweep_models : list of str
         Whose models the dilation sweep runs.
     embed_model : str or None
@@ -63,6 +65,7 @@ class Plan:
     explain_pairs: list[tuple[str, str]]
     baseline_pairs: list[tuple[str, str]]
     reader_pairs: list[tuple[str, str]]
+    explain_folds: list[int]
     sweep_models: list[str]
     embed_model: str | None
     embed_fold: int
@@ -70,6 +73,17 @@ class Plan:
     evidence: dict[str, dict[str, list[tuple[str, str]]]]
     reading: Reading = Reading()
     validation: bool = True
+
+    @property
+    def explain_jobs(self) -> list[tuple[str, int]]:
+        """The models SHAP runs: each explained model of this run on each of ``explain_folds``, in model order."""
+        jobs = {(m, k) for m, _ in self.explain_pairs for k in self.explain_folds if m in self.models}
+        return sorted(jobs, key=lambda job: (self.models.index(job[0]), job[1]))
+
+    @property
+    def sweep_jobs(self) -> list[tuple[str, int]]:
+        """The models the dilation sweep runs: each of ``sweep_models`` this run has, every fold of it."""
+        return [(m, k) for m in self.sweep_models if m in self.models for k in self.model_folds]
 
     def require(self, model: str, key: str) -> None:
         """A config key naming a model this run does not have is a one-line error naming the key."""

@@ -144,7 +144,7 @@ class Audit:
             models=self.models, model_folds=self.model_folds, models_word="strategies",
             explain_pairs=[tuple(p) for p in a.explain.pairs or [(s, s) for s in c.strategies]],
             baseline_pairs=[tuple(p) for p in a.baseline.compare or [("no_roi_bbox", "no_roi_bbox"), ("full", "full")]],
-            reader_pairs=[(s, s) for s in c.strategies if s in c.eval_strategies],
+            reader_pairs=[(s, s) for s in c.strategies if s in c.eval_strategies], explain_folds=list(a.explain.folds),
             sweep_models=list(a.sweep.train_strategies or ["full"]),
             embed_model=a.embed.train_strategy or "full", embed_fold=a.embed.fold, reader_fold=study_fold(c),
             evidence={"": evidence_cells()})
@@ -190,22 +190,18 @@ class Audit:
             return {d: self.fingerprint("store", dataset=d) for d in self.datasets}
         if name == "model":
             return self.model_inputs(strategy, fold)
-        if self.TABLE[name].output:  # one model's predictions, explanations, sweep
-            return [strategy, fold] + ([self._external_inputs()] if name == "predictions" else [])
         part = self.TABLE[name]
+        if part.output:  # one model's predictions, explanations, sweep
+            return [strategy, fold] + ([self._external_inputs()] if name == "predictions" else [])
         if part.jobs:
-            jobs = self._stage_jobs(name)
-            return [self.fingerprint(part.jobs, strategy=s, fold=k) for s, k in jobs]
+            return [self.fingerprint(part.jobs, strategy=s, fold=k) for s, k in self._stage_jobs(name)]
         return None
 
     def _stage_jobs(self, name: str) -> list[tuple[str, int]]:
         """The jobs a stage runs: every model's (train, predict), those its analysis names (explain, sweep)."""
-        plan = self.plan() if name in ("explain", "sweep") else None
-        if name == "explain":
-            return sorted({(m, k) for m, _ in plan.explain_pairs for k in self.config.analyses.explain.folds
-                           if m in self.models}, key=lambda j: (self.models.index(j[0]), j[1]))
-        if name == "sweep":
-            return [(m, k) for m in plan.sweep_models if m in self.models for k in self.model_folds]
+        if name in ("explain", "sweep"):
+            plan = self.plan()
+            return plan.explain_jobs if name == "explain" else plan.sweep_jobs
         return self.jobs
 
     @property
@@ -213,23 +209,18 @@ class Audit:
         """The run's datasets: ``main``, then each external one."""
         return [MAIN, *(ext.name for ext in self.config.external)]
 
-    def _dataset(self, name: str) -> tuple[Any, str | None]:
-        """A dataset's ``data`` config and ROI."""
-        if name == MAIN:
-            return self.config.data, self.config.roi
-        ext = next(e for e in self.config.external if e.name == name)
-        return ext.data, ext.roi or self.config.roi
-
     def _store_inputs(self, dataset: str) -> object:
         """A store's data: the dataset's ``data``, the ROI unions it keeps, and its input files (size and time, not
         content: CheXmask's tables are gigabytes), or the seed of synthetic data."""
-        data, roi = self._dataset(dataset)
+        data, roi = self.config.dataset(dataset)
         files = (str(self.config.seed) if data.source == "synthetic" else
                  {key: _file_stamp(value) for key, value in data if isinstance(value, Path) and value.is_file()})
         return [data.model_dump(mode="json"), union_keys(roi), files]
 
     def _external_inputs(self) -> object:
-        return {name: (self.fingerprint("store", dataset=name), self._dataset(name)[1]) for name in self.datasets[1:]}
+        """Each external dataset's store and ROI: a changed one redoes every model's predictions."""
+        return {name: (self.fingerprint("store", dataset=name), self.config.dataset(name)[1])
+                for name in self.datasets[1:]}
 
     def view(self, stage: str) -> Any:
         """The config as stage (or part) ``stage`` may read it (:class:`maskaudit.stages.ConfigView`)."""
@@ -237,7 +228,7 @@ class Audit:
 
     def context(self, stage: str) -> Context:
         """What stage (or part) ``stage`` is given: the run, its config view, the plan, model loading, job mapping."""
-        externals = [(name, self._dataset(name)[1]) for name in self.datasets[1:]]
+        externals = [(name, self.config.dataset(name)[1]) for name in self.datasets[1:]]
         return Context(run=self.run, config=self.view(stage), plan=self.plan(), stage=stage,
                        load_model=self.load_model, map_jobs=self.map_jobs, job_fingerprint=self.job_fingerprint,
                        outputs={name: part.output for name, part in self.TABLE.items() if part.output},
@@ -284,9 +275,7 @@ class Audit:
         tables = []
 
         def prepare_one(dataset: str, where: Path) -> dict:
-            data, roi = self._dataset(dataset)
-            config = self.config if dataset == MAIN else self.config.model_copy(
-                update={"data": data, "roi": roi, "external": []})
+            config = self.config.for_dataset(dataset)
             marker = where / ".fingerprint"
             wanted = self.fingerprint("store", dataset=dataset)
             if where.exists() and (not marker.is_file() or marker.read_text() != wanted):
@@ -294,7 +283,7 @@ class Audit:
             where.mkdir(parents=True, exist_ok=True)
             write_text(marker, wanted)
             source = make_source(config)
-            unions = [k for k in union_keys(roi) if all(p in source.rois for p in k.split("+"))]
+            unions = [k for k in union_keys(config.roi) if all(p in source.rois for p in k.split("+"))]
             external = dataset != MAIN  # scored, never trained on: images without masks are scored under full
             store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers,
                                   masks="optional" if external else "required",

@@ -109,4 +109,4 @@ class ProbeAudit(Audit):
                              "run `maskaudit probe`")
 
     def make_model(self, ctx: Context, strategy: str, fold: int) -> dict:
-        raise MaskauditError("a probed model is given, not trained")
+        raise RuntimeError("a probed model is given, not trained: no model job runs in a probe")

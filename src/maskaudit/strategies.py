@@ -12,7 +12,7 @@ A strategy's ``keep`` function receives torch tensors and uses only their method
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
@@ -111,9 +111,15 @@ def check_strategy(name: str) -> str:
     """``name`` when it is a registered strategy; else a ValueError listing them, worded as pydantic words a
     ``Literal`` of them (a config error)."""
     if name not in STRATEGIES:
-        *first, last = (repr(s) for s in STRATEGIES)
-        raise ValueError(f"Input should be {', '.join(first)} or {last}" if first else f"Input should be {last}")
+        raise ValueError(one_of(STRATEGIES))
     return name
+
+
+def one_of(names: Iterable[str]) -> str:
+    """``Input should be 'a', 'b' or 'c'``: the words of pydantic's error for a ``Literal``, for names that a
+    registry holds (a config's error reads the same whichever way its names are checked)."""
+    *first, last = map(repr, names)
+    return f"Input should be {', '.join(first)} or {last}" if first else f"Input should be {last}"
 
 
 def evidence_cells() -> dict[str, list[tuple[str, str]]]:

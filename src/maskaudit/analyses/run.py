@@ -80,8 +80,7 @@ def run_sweep(ctx: Context) -> dict:
         return {"status": "this data has no ROI masks: no dilation sweep"}
     for strategy in plan.sweep_models:
         plan.require(strategy, "sweep.train_strategies")
-    jobs = [(s, k) for s in plan.sweep_models for k in plan.model_folds]
-    predictions = ctx.gather("sweep predictions", jobs)
+    predictions = ctx.gather("sweep predictions", plan.sweep_jobs)
     by_fold, summary = sweep_aucs(predictions)
     out = ctx.run.analysis("sweep")
     write_table(out / "predictions.parquet", predictions)
@@ -136,9 +135,7 @@ def _stack(ctx: Context, indices: np.ndarray, strategy: str, device) -> tuple[to
 def run_explain(ctx: Context) -> dict:
     c = ctx.config
     pairs = explain_pairs(ctx)
-    jobs = sorted({(train, k) for train, _ in pairs for k in c.analyses.explain.folds},
-                  key=lambda j: (ctx.plan.models.index(j[0]), j[1]))
-    table = ctx.gather("explanations", jobs)
+    table = ctx.gather("explanations", ctx.plan.explain_jobs)
     out = ctx.run.analysis("explain")
     write_table(out / "attribution.parquet", table, csv=True)
     summary = (table.groupby(["train_strategy", "test_strategy", "class"], sort=False)

@@ -477,8 +477,7 @@ def check_config(config: AuditConfig) -> list[DataCheck]:
     :class:`DataCheck` with that one error, and the others are still checked.
     """
     datasets = [("main", config, False)]
-    datasets += [(ext.name, config.model_copy(update={"data": ext.data, "external": []}), True)
-                 for ext in config.external]  # as Audit.external_configs
+    datasets += [(ext.name, config.for_dataset(ext.name), True) for ext in config.external]  # as prepare
     checks = []
     for name, dataset_config, external in datasets:
         try:
