@@ -10,14 +10,19 @@ labelled images the mean rests on (the hold-out set's for ``test``; every fold's
 together for ``val``, whose per-fold counts are in ``auc_by_fold``).
 ``delong_table``: DeLong's paired test of every cell against ``full→full`` of the same fold, on
 the same images.
+``training_table``: per trained model and class, whether the model ever learnt the class on its own
+validation images during training, and whether the weights it kept had.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from maskaudit.stats import auc_ci, delong_test, mean_auc_ci, mean_difference
+from maskaudit.rundir import read_json
+from maskaudit.stats import auc_ci, delong_test, mean_auc_ci, mean_difference, z_critical
 
 KEYS = ["dataset", "split", "train_strategy", "test_strategy", "class"]
 
@@ -133,3 +138,58 @@ def prediction_sets(predictions: pd.DataFrame, class_name: str, train_strategy: 
                        & (predictions["dataset"] == dataset)]
     return {int(fold): group[["image_id", "label", "probability"]].reset_index(drop=True)
             for fold, group in part.groupby("fold", sort=True)}
+
+
+#: The columns of :func:`training_table`.
+TRAINING_COLUMNS = ["train_strategy", "fold", "class", "epochs_run", "stopped_early", "monitor", "kept_epoch",
+                    "kept_auc", "kept_ci_low", "kept_ci_high", "best_auc", "best_epoch", "best_ci_low",
+                    "first_learnt_epoch", "learnt", "kept_learnt"]
+
+
+def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level: float = 0.95) -> pd.DataFrame:
+    """Per trained model (``(strategy, fold) → job folder``) and class: did it learn the class, and did it keep it?
+
+    From the job's ``history.csv`` (each epoch's validation AUC of each class and its DeLong variance, recorded by
+    :func:`maskaudit.train.train_job`) and ``job.json`` (the epoch whose weights were kept). An epoch *shows* the class
+    when its validation AUC's CI lower bound (at ``level``, the plain normal interval of
+    :func:`maskaudit.stats.auc_ci`) is above 0.5. ``learnt``: some epoch showed it (``best_ci_low``, the highest
+    lower bound of any epoch, above 0.5; ``first_learnt_epoch`` the first such epoch); ``kept_learnt``: the kept
+    epoch shows it (1.0 or 0.0). Taking the best of many epochs favours ``learnt`` a little (several looks at the same
+    validation images); it errs towards not flagging. Both are NaN (unknown) for a history without variances
+    (a run from before they were recorded); a job without a history (a probe's models) has no row.
+    """
+    z = z_critical(level)
+    rows = []
+    for (strategy, fold), job_dir in jobs.items():
+        history_path, meta_path = job_dir / "history.csv", job_dir / "job.json"
+        if not history_path.is_file() or not meta_path.is_file():
+            continue
+        history, meta = pd.read_csv(history_path), read_json(meta_path)
+        kept = meta.get("best_epoch", -1)
+        kept_row = history[history["epoch"] == kept]
+        for name in classes:
+            auc = pd.to_numeric(history.get(f"val_auc_{name}"), errors="coerce")
+            if auc is None:
+                continue
+            variance = pd.to_numeric(history.get(f"val_auc_variance_{name}", np.nan), errors="coerce")
+            half = z * np.sqrt(np.asarray(variance, dtype=float)) * np.ones(len(history))
+            low, high = np.clip(auc - half, 0, 1), np.clip(auc + half, 0, 1)
+            known = np.isfinite(low)
+            shows = known & (low > 0.5)
+            at = kept_row.index[0] if len(kept_row) else None
+            best = int(auc.idxmax()) if auc.notna().any() else None
+            rows.append({
+                "train_strategy": strategy, "fold": int(fold), "class": name, "epochs_run": int(len(history)),
+                "stopped_early": bool(meta.get("stopped_early", False)), "monitor": meta.get("monitor", "val_loss"),
+                "kept_epoch": int(kept),
+                "kept_auc": float(auc[at]) if at is not None else np.nan,
+                "kept_ci_low": float(low[at]) if at is not None else np.nan,
+                "kept_ci_high": float(high[at]) if at is not None else np.nan,
+                "best_auc": float(auc[best]) if best is not None else np.nan,
+                "best_epoch": int(history["epoch"][best]) if best is not None else -1,
+                "best_ci_low": float(np.nanmax(low)) if known.any() else np.nan,
+                "first_learnt_epoch": int(history["epoch"][np.flatnonzero(shows)[0]]) if shows.any() else -1,
+                "learnt": float(shows.any()) if known.any() else np.nan,
+                "kept_learnt": float(shows[at]) if at is not None and known[at] else np.nan,
+            })
+    return pd.DataFrame(rows, columns=TRAINING_COLUMNS)

@@ -39,7 +39,7 @@ from maskaudit.data.store import Store, count_table, prepare_store
 from maskaudit.errors import MaskauditError, disk_error
 from maskaudit.executors import make_executor
 from maskaudit.lock import python_command, run_lock
-from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of
+from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of, training_table
 from maskaudit.predict import load_trained, predict_job
 from maskaudit.progress import format_duration
 from maskaudit.report.figures import auc_heatmap, save_figure
@@ -369,6 +369,8 @@ class Audit:
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
             write_table(self.run.metrics / "delong.parquet", delong_table(predictions), csv=True)
+            training = training_table({job: self.run.job(*job) for job in self.jobs}, c.classes, c.analyses.level)
+            write_table(self.run.metrics / "training.parquet", training, csv=True)
             panels = [(MAIN, "test", "hold-out", "auc_{}")]
             panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.datasets[1:]]
             of, rows = self.heatmap_title(), self.report_view().models_label

@@ -235,7 +235,7 @@ class AucEstimate:
     missing_reason: str = ""
 
 
-def _z_critical(level: float) -> float:
+def z_critical(level: float) -> float:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie strictly between 0 and 1; got level={level!r}")
     return float(norm.ppf(0.5 + level / 2.0))
@@ -243,7 +243,7 @@ def _z_critical(level: float) -> float:
 
 def _estimate(auc: float, variance: float, level: float, n_pos: int, n_neg: int, reason: str, **sets) -> AucEstimate:
     """Fill in the clipped normal CI; NaN where the variance is NaN."""
-    half = _z_critical(level) * math.sqrt(variance) if math.isfinite(variance) else math.nan
+    half = z_critical(level) * math.sqrt(variance) if math.isfinite(variance) else math.nan
     low = max(0.0, auc - half) if math.isfinite(half) else math.nan
     high = min(1.0, auc + half) if math.isfinite(half) else math.nan
     return AucEstimate(auc, variance, low, high, n_pos, n_neg, reason, **sets)
@@ -284,7 +284,7 @@ def auc_ci(labels, scores, level: float = 0.95) -> AucEstimate:
     labels, scores = _as_labels_and_scores(labels, scores)
     if scores.shape[0] != 1:
         raise ValueError(f"auc_ci scores one predictor; got scores of shape {scores.shape} (use delong_covariance)")
-    _z_critical(level)
+    z_critical(level)
     labels, scores, reason = _screen(labels, scores)
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     if reason:
@@ -490,7 +490,7 @@ def mean_auc_ci(sets: list[pd.DataFrame], level: float = 0.95) -> AucEstimate:
     ValueError
         When ``level`` is not in (0, 1).
     """
-    _z_critical(level)
+    z_critical(level)
     names = [f"set {k}" for k in range(len(sets))]
     sets = [_check_set(s, name) for s, name in zip(sets, names, strict=True)]
     if not sets:

@@ -39,10 +39,14 @@ from maskaudit.models import Classifier, build_model
 from maskaudit.progress import DETAIL, active
 from maskaudit.rundir import atomic_path, read_json, write_json
 from maskaudit.seeds import derive_seed, torch_generator
-from maskaudit.stats import class_auc
+from maskaudit.stats import auc_ci, class_auc
 from maskaudit.strategies import MaskSpec
 
 log = logging.getLogger(__name__)
+
+#: ``history.csv``'s column prefix of each class's DeLong variance of the validation AUC, per epoch: with it, whether a
+#: model ever rose above chance on a class is read at any confidence level (:func:`maskaudit.metrics.training_table`)
+VAL_VARIANCE = "val_auc_variance_"
 
 
 @dataclass
@@ -175,6 +179,8 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
         row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}
         for k, name in enumerate(classes):
             row[f"val_auc_{name}"] = class_auc(labels[:, k], probs[:, k])[0]
+        for k, name in enumerate(classes):  # after the AUCs: history.csv's columns keep their order
+            row[f"{VAL_VARIANCE}{name}"] = auc_ci(labels[:, k], probs[:, k]).variance
         aucs = [row[f"val_auc_{name}"] for name in classes]
         mean_auc = float(np.nanmean(aucs)) if not all(math.isnan(a) for a in aucs) else math.nan
         improved = stopper.step(val_loss if t.monitor == "val_loss" else mean_auc, epoch)
@@ -182,7 +188,8 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
         row["best"] = improved
         state.history.append(row)
         for key, value in row.items():
-            if key not in ("epoch", "best") and not (isinstance(value, float) and math.isnan(value)):
+            if key not in ("epoch", "best") and not key.startswith(VAL_VARIANCE) \
+                    and not (isinstance(value, float) and math.isnan(value)):
                 writer.add_scalar(key.replace("val_auc_", "val_auc/"), value, epoch)
         if improved:
             save_checkpoint(model.state_dict(), job_dir / "model.pt")
@@ -257,16 +264,18 @@ def save_checkpoint(obj: object, path: Path) -> None:
 
 
 def best_val_aucs(history: pd.DataFrame, classes: list[str]) -> dict[str, dict]:
-    """Per class, the best validation AUC any epoch reached and that epoch (counted from 0; None without an AUC):
-    whether a model ever learnt a class, beside the epoch whose weights were kept."""
+    """Per class, the best validation AUC any epoch reached, that epoch (counted from 0) and the AUC's DeLong variance
+    there (None without an AUC): whether a model ever learnt a class, beside the epoch whose weights were kept."""
     out = {}
     for name in classes:
         column = pd.to_numeric(history.get(f"val_auc_{name}", pd.Series(dtype=float)), errors="coerce")
         if column.notna().any():
             at = int(column.idxmax())
-            out[name] = {"auc": float(column[at]), "epoch": int(history["epoch"][at])}
+            variance = pd.to_numeric(history.get(f"{VAL_VARIANCE}{name}", pd.Series(dtype=float)), errors="coerce")
+            var = float(variance[at]) if at in variance.index and math.isfinite(variance[at]) else None
+            out[name] = {"auc": float(column[at]), "epoch": int(history["epoch"][at]), "variance": var}
         else:
-            out[name] = {"auc": None, "epoch": None}
+            out[name] = {"auc": None, "epoch": None, "variance": None}
     return out
 
 

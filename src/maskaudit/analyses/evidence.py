@@ -20,6 +20,17 @@ the thresholds of ``analyses.verdict.evidence``:
                     the margin catches large ones, where a CI excludes 0.5 at 0.53 although fewer than
                     53 % of positive–negative pairs are ranked right, a model that in practice learnt
                     nothing. Either way that model's hold-out AUCs enter the fold mean all the same.
+``undertrained``    a fold's model (any strategy) whose kept weights are at chance for a class on its own
+                    validation images (CI lower bound at most 0.5; ``metrics/training``, from the job's
+                    per-epoch history): either it never rose above chance in any epoch, or it did, at a
+                    later epoch than the one whose weights it kept (the best summed validation loss, the
+                    study's rule, can be an early epoch once the model starts to fit a class that has no
+                    signal). It replaces ``val_chance`` for the jobs whose history says so, and gives the
+                    advice that fits (more epochs, ``train.min_epochs``, a larger ``train.patience``,
+                    ``train.monitor: val_auc``). A masked model that did not learn a class is what removing
+                    the class's evidence gives, *or* a training cut short: a cell whose model did not learn
+                    is not read as evidence of absence where that decides the verdict
+                    (:mod:`maskaudit.analyses.verdict`, ``undertrained``).
 ``baseline_fewer``  the metadata baseline scored on fewer hold-out images, or fitted on fewer training
                     images, than the image models it is compared with (rows without metadata are
                     dropped): both counts are given.
@@ -45,6 +56,7 @@ FLAG_KINDS = {
     "reversed": "scores reversed",
     "below_chance": "under 0.5, CI reaches 0.5",
     "val_chance": "validation AUC at chance",
+    "undertrained": "did not learn the class",
     "baseline_fewer": "baseline on fewer images",
 }
 
@@ -175,6 +187,48 @@ def _val_chance(by_fold: pd.DataFrame, rules: EvidenceConfig) -> list[dict]:
     return flags
 
 
+def undertrained_flags(training: pd.DataFrame) -> list[dict]:
+    """``undertrained`` flags: each job whose kept weights are at chance for a class on its validation images."""
+    flags = []
+    for _, r in training[training["kept_learnt"] == 0].iterrows():
+        model = f"Fold {r['fold']}'s {r['train_strategy']} model"
+        kept = _auc_text(r["kept_auc"], r["kept_ci_low"], r["kept_ci_high"])
+        criterion = "validation AUC" if r["monitor"] == "val_auc" else "validation loss"
+        if r["learnt"] == 1:
+            text = (f"{model} learnt {r['class']} on its validation images (AUC {r['best_auc']:.2f} at epoch "
+                    f"{int(r['best_epoch']) + 1}, CI lower bound {r['best_ci_low']:.2f}) but kept the weights of "
+                    f"epoch {int(r['kept_epoch']) + 1} (the best {criterion}), at chance for it (AUC {kept}).")
+            short = (f"fold {r['fold']} kept epoch {int(r['kept_epoch']) + 1}, learnt at epoch "
+                     f"{int(r['first_learnt_epoch']) + 1}")
+        else:
+            ended = "early stopping ended it" if r["stopped_early"] else "it ran every epoch of train.epochs"
+            best = f"best AUC {r['best_auc']:.2f} at epoch {int(r['best_epoch']) + 1}" if _finite(r["best_auc"]) \
+                else "no AUC"
+            text = (f"{model} never rose above chance for {r['class']} on its validation images in its "
+                    f"{_plural(int(r['epochs_run']), 'epoch')} ({best}; {ended}).")
+            short = f"fold {r['fold']} never, {_plural(int(r['epochs_run']), 'epoch')}" + \
+                (" (stopped early)" if r["stopped_early"] else "")
+        flags.append(_flag("undertrained", _MAIN, "val", r["class"], text, short=short, train=r["train_strategy"],
+                           test=r["train_strategy"], fold=r["fold"], auc=float(r["kept_auc"]),
+                           low=float(r["kept_ci_low"]), high=float(r["kept_ci_high"])))
+    return flags
+
+
+def undertraining_advice(flags: pd.DataFrame) -> str:
+    """What to change in training, from ``undertrained`` flags (:func:`undertrained_flags`: the texts say the case)."""
+    kept = flags["text"].str.contains(" but kept the weights of epoch ").any()
+    stopped = flags["text"].str.contains("early stopping ended it").any()
+    ran_out = flags["text"].str.contains("it ran every epoch").any()
+    advice = []
+    if kept:
+        advice.append("keep the weights by the validation AUC (train.monitor: val_auc)")
+    if stopped:
+        advice.append("stop later (a larger train.patience, or train.min_epochs)")
+    if ran_out:
+        advice.append("train longer (train.epochs)")
+    return "; ".join(advice)
+
+
 def _span(values: pd.Series) -> str:
     low, high = int(values.min()), int(values.max())
     return str(low) if low == high else f"{low}–{high}"
@@ -213,7 +267,7 @@ def _baseline_fewer(baseline_auc: pd.DataFrame | None, fits: pd.DataFrame | None
 
 def evidence_flags(matrix: pd.DataFrame | None, by_fold: pd.DataFrame | None = None,
                    baseline_auc: pd.DataFrame | None = None, fits: pd.DataFrame | None = None,
-                   rules: EvidenceConfig | None = None) -> pd.DataFrame:
+                   rules: EvidenceConfig | None = None, training: pd.DataFrame | None = None) -> pd.DataFrame:
     """Where the evidence is weak (the module's docstring): one row per flag, columns :data:`FLAG_COLUMNS`.
 
     Parameters
@@ -228,6 +282,9 @@ def evidence_flags(matrix: pd.DataFrame | None, by_fold: pd.DataFrame | None = N
         scored on) and ``fits`` (the images it was fitted on, of the fold's).
     rules : EvidenceConfig, optional
         ``analyses.verdict.evidence``; its defaults when not given.
+    training : DataFrame, optional
+        ``metrics/training`` (:func:`maskaudit.metrics.training_table`): the ``undertrained`` flags, in place of
+        ``val_chance`` for the jobs it knows.
 
     Returns
     -------
@@ -245,9 +302,16 @@ def evidence_flags(matrix: pd.DataFrame | None, by_fold: pd.DataFrame | None = N
             by_fold[by_fold["split"] != "val"] if by_fold is not None else None)
         flags += _few(counted, keys, rules)
         flags += _below(matrix, rules)
+    known = training[training["kept_learnt"].notna()] if training is not None and len(training) else None
     if by_fold is not None and len(by_fold):
         flags += _few(by_fold[by_fold["split"] == "val"], [*keys, "fold"], rules)
+        if known is not None:  # the jobs whose history says whether they learnt: their undertrained flags instead
+            read = set(zip(known["train_strategy"], known["fold"].astype(str), known["class"], strict=True))
+            by_fold = by_fold[[(t, str(k), c) not in read for t, k, c in zip(
+                by_fold["train_strategy"], by_fold["fold"], by_fold["class"], strict=True)]]
         flags += _val_chance(by_fold, rules)
+    if known is not None:
+        flags += undertrained_flags(known)
     if baseline_auc is not None and len(baseline_auc) and "auc" in baseline_auc:
         means = baseline_auc[baseline_auc["fold"].astype(str) == "mean"]
         flags += _below(means.rename(columns={"auc": "auc_mean"}).assign(
@@ -271,7 +335,8 @@ def run_evidence_flags(run, rules: EvidenceConfig | None = None) -> pd.DataFrame
 
     baseline = run.analysis("baseline")
     return evidence_flags(read(run.metrics / "auc_matrix.parquet"), read(run.metrics / "auc_by_fold.parquet"),
-                          read(baseline / "baseline_auc.parquet"), read(baseline / "fits.parquet"), rules)
+                          read(baseline / "baseline_auc.parquet"), read(baseline / "fits.parquet"), rules,
+                          read(run.metrics / "training.parquet"))
 
 
 def verdict_notes(flags: pd.DataFrame | None, cells: list[str], rules: EvidenceConfig | None = None) -> list[str]:
@@ -310,5 +375,12 @@ def verdict_notes(flags: pd.DataFrame | None, cells: list[str], rules: EvidenceC
         notes.append(f"Not clearly above chance on their own validation images (CI lower bound at most 0.5 or "
                      f"AUC below {0.5 + rules.chance_margin:.2f}): {per_model}; their hold-out AUCs enter the fold "
                      "means all the same.")
+    undertrained = main[(main["kind"] == "undertrained") & main["train_strategy"].isin(models)]
+    if len(undertrained):
+        per_model = "; ".join(f"{model} {', '.join(part['short'])}"
+                              for model, part in undertrained.groupby("train_strategy", sort=False))
+        notes.append(f"Kept weights at chance on their own validation images (CI lower bound at most 0.5): "
+                     f"{per_model}. To tell a class these models cannot see from one they had no time to learn: "
+                     f"{undertraining_advice(undertrained)}.")
     notes += list(main.loc[main["kind"] == "baseline_fewer", "text"])
     return notes

@@ -278,6 +278,8 @@ def run_verdict(ctx: Context) -> dict:
     matrix = matrix[(matrix["dataset"] == MAIN) & (matrix["split"] == "test")]
     predictions = ctx.predictions()
     flags = run_evidence_flags(ctx.run, c.analyses.verdict.evidence)  # where the evidence is weak
+    path = ctx.run.metrics / "training.parquet"  # whether each model learnt each class (none in a probe)
+    training = pd.read_parquet(path) if path.is_file() else None
     cells = {cell for evidence in plan.evidence.values() for candidates in evidence.values() for cell in candidates}
     givers = [a for a in ANALYSES.values() if a.evidence is not None and a.name in c.analyses.run]
     rows = []
@@ -295,6 +297,7 @@ def run_verdict(ctx: Context) -> dict:
             else:
                 row |= class_verdict(cells_of, c.analyses.verdict, evidence_cells=evidence, words=plan.reading,
                                      flags=flags[flags["class"] == name],
+                                     training=training[training["class"] == name] if training is not None else None,
                                      **{key: value.get(name) for key, value in given.items()})
             rows.append(row)
     table = pd.DataFrame(rows)

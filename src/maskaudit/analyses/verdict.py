@@ -28,6 +28,25 @@ The rules, in order; the first that applies is the verdict:
 7. ``unclear`` — the full model shows signal but neither masked model does: the evidence needs the
    ROI together with its surroundings; read the matrices.
 
+**Did the models learn enough to be read?** A cell without signal is evidence of absence only if its
+model could have learnt the class. Each job's history (``metrics/training``,
+:func:`maskaudit.metrics.training_table`) says, per class, whether the weights it kept are above chance on
+its own validation images (the CI's lower bound above 0.5) and, if not, whether some other epoch was.
+A cell's model is *undertrained* for a class when the kept weights of most of its folds are at chance;
+it *learnt but did not keep* the class when, in addition, one of those folds was above chance at another
+epoch (the study's rule keeps the best summed validation loss, which can be an early epoch once the
+model starts to fit a class without signal), and it *never learnt* it otherwise. Where such a cell's
+absence decides the verdict:
+
+- ``undertrained`` replaces ``unclear`` when the inside or the outside model is undertrained (the
+  likeliest reading of "the full model finds it, neither masked model does" is that they stopped before
+  they learnt it); it replaces ``roi``, ``outside`` and ``none`` when the cell whose absence they rest on
+  (outside, inside, full) learnt the class at an epoch it did not keep: the evidence was there;
+- ``roi`` and ``outside`` stand when that cell never learnt the class (what a model without the evidence
+  gives), with a sentence saying so and what would tell it from a training cut short.
+
+The reading gives the advice that fits (:func:`maskaudit.analyses.evidence.undertraining_advice`).
+
 Without an AUC of the full model the verdict is ``undetermined``, and its reading says why: the run has no
 full model, or the class has no positive (or no negative) image in the hold-out set ("No positive image of
 effusion in the hold-out set: no AUC, no verdict."; ``split`` warns about it first).
@@ -60,7 +79,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from maskaudit.analyses.evidence import evidence_flags, verdict_notes
+from maskaudit.analyses.evidence import evidence_flags, undertrained_flags, undertraining_advice, verdict_notes
 from maskaudit.config import VerdictConfig
 from maskaudit.strategies import evidence_cells as default_evidence
 
@@ -73,6 +92,7 @@ VERDICTS = {
     "metadata": ("explained by metadata", "#d73027"),
     "none": ("no signal found", "#bdbdbd"),
     "unclear": ("unclear: needs the ROI and its surroundings", "#bdbdbd"),
+    "undertrained": ("undertrained: a model it rests on did not learn it", "#c2a5cf"),
     "undetermined": ("undetermined: the run lacks the full model", "#bdbdbd"),
     "not_predicted": ("not predicted by the probed model", "#ffffff"),
 }
@@ -134,9 +154,42 @@ def _cell(cells: pd.DataFrame, candidates: list[tuple[str, str]], best: bool = F
     return max(found, key=lambda cell: cell.ci_low if not math.isnan(cell.ci_low) else -math.inf) if best else found[0]
 
 
+@dataclass(frozen=True)
+class Training:
+    """Whether the model of a cell learnt the class: ``state`` "" (it did, or nothing is known), ``"not_kept"`` or
+    ``"never"`` (the module's docstring), ``folds`` the folds whose kept weights are at chance, of ``n_folds``."""
+
+    state: str = ""
+    folds: tuple[int, ...] = ()
+    n_folds: int = 0
+    advice: str = ""
+
+    def text(self, cell: Cell) -> str:
+        which = f"folds {', '.join(map(str, self.folds))}" if len(self.folds) > 1 else f"fold {self.folds[0]}"
+        if self.state == "not_kept":
+            return (f"the {cell.train} model learnt it on its validation images at an epoch whose weights it did not "
+                    f"keep ({which} of {self.n_folds} kept weights at chance for it)")
+        return f"the {cell.train} model never rose above chance for it on its validation images ({which} of " \
+               f"{self.n_folds})"
+
+
+def cell_training(cell: Cell | None, training: pd.DataFrame | None) -> Training:
+    """How the model of ``cell`` learnt the class, from the class's rows of ``metrics/training``."""
+    if cell is None or training is None or not len(training):
+        return Training()
+    rows = training[(training["train_strategy"] == cell.train) & training["kept_learnt"].notna()]
+    at_chance = rows[rows["kept_learnt"] == 0]
+    if not len(rows) or 2 * len(at_chance) <= len(rows):
+        return Training()
+    state = "not_kept" if (at_chance["learnt"] == 1).any() else "never"
+    advice = undertraining_advice(pd.DataFrame(undertrained_flags(at_chance)))
+    return Training(state, tuple(int(k) for k in at_chance["fold"]), len(rows), advice)
+
+
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
-                  attribution: dict | None = None, evidence_cells: dict | None = None,
-                  flags: pd.DataFrame | None = None, words: Reading = Reading()) -> dict:
+                  attribution: dict | None = None, localization: dict | None = None,
+                  evidence_cells: dict | None = None, flags: pd.DataFrame | None = None,
+                  training: pd.DataFrame | None = None, words: Reading = Reading()) -> dict:
     """The verdict of one class.
 
     Parameters
@@ -148,12 +201,18 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
         (``"train→test"``) a dict with ``difference`` (cell − baseline) and ``p_value`` of DeLong's test.
     attribution : dict, optional
         ``in_roi`` (share of positive attribution inside the ROI), ``roi_area`` and ``ratio``, for full→full.
+    localization : dict, optional
+        ``sentence``: where the evidence of the class lies in the image (:mod:`maskaudit.analyses.localize`),
+        added to the reading as given.
     evidence_cells : dict, optional
         Where each piece of evidence is read: :func:`maskaudit.strategies.evidence_cells` (default), or a
         probed model's :func:`maskaudit.strategies.probe_cells`.
     flags : DataFrame, optional
         The class's :func:`evidence_flags` (the run's tables, ``rules.evidence``); without them, those
         ``cells`` alone give: the hold-out counts (``n_pos``/``n_neg`` columns) and the cells under 0.5.
+    training : DataFrame, optional
+        The class's rows of ``metrics/training`` (:func:`maskaudit.metrics.training_table`): whether each cell's
+        model learnt the class (the module's docstring); without it every model is taken to have learnt it.
     words : Reading
         How the reading is worded (a full audit's by default).
 
@@ -190,6 +249,9 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     elif not any(signal.values()):
         verdict = "none"
         reading = f"No model shows signal: {full.text()}, inside {seen(inside)}, outside {seen(outside)}."
+        if (learnt := cell_training(full, training)).state == "not_kept":
+            verdict = "undertrained"
+            reading += f" But {learnt.text(full)}: the kept weights cannot show it ({learnt.advice})."
     elif signal["shape"]:
         verdict = "shape"
         reading = (f"The ROI's mask alone predicts it ({shape.text()}): the outline carries the evidence, so "
@@ -198,6 +260,8 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
         verdict = "everywhere"
         reading = (f"Visible both inside ({inside.text()}) and outside the ROI ({outside.text()}): "
                    "something outside the ROI travels with the label; a shortcut is possible.")
+    elif (learning := _undertrained_verdict(evidence, signal, training)) is not None:
+        verdict, reading = "undertrained", learning
     elif signal["outside"]:
         verdict = "outside"
         reading = (f"Shortcut suspected: without the ROI {who} still {words.finds} it ({outside.text()}), "
@@ -210,12 +274,20 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
         verdict = "unclear"
         reading = (f"{words.subject} finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
                    f"rest ({seen(outside)}) suffices: the evidence needs both; read the matrices.")
+    if verdict in ("roi", "outside"):
+        absent = outside if verdict == "roi" else inside
+        learnt = cell_training(absent, training)
+        if learnt.state == "never":
+            reading += (f" But {learnt.text(absent)}: what a model without the evidence gives, or a training cut "
+                        f"short; to tell them apart: {learnt.advice}.")
     if base_signal and verdict != "metadata":
         reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
                     f"{better[0].name} (DeLong p = {tests[better[0].name]['p_value']:.3g}).")
     if attribution and full is not None and not math.isnan(attribution.get("ratio", math.nan)):
         reading += (f" Attribution: {attribution['in_roi']:.0%} of the positive attribution of {full.name} lies in "
                     f"the ROI, which covers {attribution['roi_area']:.0%} of the image (×{attribution['ratio']:.2f}).")
+    if localization and localization.get("sentence") and verdict not in ("undetermined", "none"):
+        reading += f" {localization['sentence']}"
     if flags is None:
         flags = evidence_flags(cells.reset_index(), rules=rules.evidence)
     notes = verdict_notes(flags, [cell.name for cell in evidence.values() if cell is not None], rules.evidence)
@@ -240,6 +312,35 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     row["baseline_signal"] = base_signal
     row["attribution_ratio"] = attribution.get("ratio", math.nan) if attribution else math.nan
     return row
+
+
+def _undertrained_verdict(evidence: dict[str, Cell | None], signal: dict[str, bool],
+                          training: pd.DataFrame | None) -> str | None:
+    """The reading of an ``undertrained`` verdict (the module's docstring), or None when the evidence can be read.
+
+    Called after ``metadata``, ``none``, ``shape`` and ``everywhere`` have been ruled out: the full model or one
+    masked model shows signal, not both masked models.
+    """
+    full = evidence["full"]
+    states = {name: cell_training(evidence[name], training) for name in ("full", "inside", "outside")}
+    if signal["outside"]:
+        decisive = ["inside"]
+    elif signal["inside"]:
+        decisive = ["outside"]
+    else:  # unclear: neither masked model
+        decisive = [n for n in ("inside", "outside") if states[n].state]
+    if not signal["inside"] and not signal["outside"]:
+        unread = [n for n in decisive if states[n].state]
+    else:
+        unread = [n for n in decisive if states[n].state == "not_kept"]
+    if not unread:
+        return None
+    what = " and ".join(states[n].text(evidence[n]) for n in unread)
+    advice = "; ".join(dict.fromkeys(states[n].advice for n in unread if states[n].advice))
+    seen = {n: evidence[n].text() if evidence[n] else "not in this run" for n in ("inside", "outside")}
+    return (f"The full model ({full.text()}) finds it, inside {seen['inside']}, outside "
+            f"{seen['outside']}, but {what}: the run cannot say where its evidence lies until "
+            f"{'they learn' if len(unread) > 1 else 'it learns'} it ({advice}).")
 
 
 def _no_auc(cells: pd.DataFrame, candidates: list[tuple[str, str]]) -> tuple[str, str]:

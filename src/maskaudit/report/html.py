@@ -37,7 +37,13 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from maskaudit import __version__
-from maskaudit.analyses.evidence import FLAG_COLUMNS, run_evidence_flags, verdict_notes
+from maskaudit.analyses.evidence import (
+    FLAG_COLUMNS,
+    run_evidence_flags,
+    undertrained_flags,
+    undertraining_advice,
+    verdict_notes,
+)
 from maskaudit.analyses.run import ANALYSES
 from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.config import STAGES, AuditConfig, load_config
@@ -213,9 +219,9 @@ def cell_flags(flags: pd.DataFrame, dataset: str, split: str, class_name: str, t
     few = part["kind"] == "few_images"
     reasons = list(part.loc[few | own, "text"])
     if dataset == "main" and split in ("test", "val"):
-        models = flags[(flags["kind"] == "val_chance") & (flags["class"] == class_name)
+        models = flags[flags["kind"].isin(["val_chance", "undertrained"]) & (flags["class"] == class_name)
                        & (flags["train_strategy"] == train)]
-        reasons += list(models["text"])
+        reasons += [text for text in models["text"] if text not in reasons]
     return reasons
 
 
@@ -682,7 +688,25 @@ def training_section(run: RunDir, config: AuditConfig) -> dict:
     table = frame_table(pd.DataFrame(rows), "each job's training: epochs run and the epoch kept (lowest "
                                             "validation loss)", columns=["job", "epochs", "best epoch",
                                                                          "best val loss", "note"])
-    return {"figure": uri, "table": table, "pending": _pending(run, ReportView(), _stage_records(run), "train")}
+    return {"figure": uri, "table": table, "pending": _pending(run, ReportView(), _stage_records(run), "train"),
+            **undertrained_table(run)}
+
+
+def undertrained_table(run: RunDir) -> dict:
+    """The jobs whose kept weights are at chance for a class on their validation images, with the advice that fits
+    (``metrics/training``; :func:`maskaudit.analyses.evidence.undertrained_flags`)."""
+    training = _read(run.metrics / "training.parquet")
+    if training is None or not len(training):
+        return {"undertrained": None, "advice": ""}
+    flags = pd.DataFrame(undertrained_flags(training[training["kept_learnt"].notna()]), columns=FLAG_COLUMNS)
+    if not len(flags):
+        return {"undertrained": None, "advice": ""}
+    table = Table(f"{len(flags)} of {len(training)} (job, class) pairs: kept weights at chance on the job's own "
+                  "validation images (CI lower bound at most 0.5)", ["job", "class", "what happened"])
+    for _, f in flags.iterrows():
+        table.rows.append([_cell(f"{f['train_strategy']}/fold_{f['fold']}", left=True), _cell(f["class"], left=True),
+                           _cell(f["text"], left=True)])
+    return {"undertrained": table, "advice": undertraining_advice(flags)}
 
 
 def software_versions() -> list[tuple[str, str]]:
