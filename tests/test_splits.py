@@ -77,3 +77,13 @@ def test_roundtrip_through_json(tmp_path):
     back = load_splits(tmp_path / "splits.json", kept)
     assert np.array_equal(back.test, splits.test)
     assert all(np.array_equal(x, y) for x, y in zip(back.folds, splits.folds, strict=True))
+
+
+def test_labels_too_rare_to_stratify_are_a_one_line_error():
+    """Every combination of 8 labels is unique among 20 patients: sklearn cannot stratify 3 folds; say so plainly."""
+    from maskaudit.data.splits import patient_folds
+
+    labels = np.random.default_rng(0).integers(0, 2, size=(20, 8)).astype(float)
+    with pytest.raises(MaskauditError, match=r"could not stratify 20 patients into 3 folds by their labels .*"
+                                             r"lower `folds`, or audit fewer classes"):
+        patient_folds(np.arange(20), labels, 3, 0)

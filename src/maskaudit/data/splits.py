@@ -88,7 +88,13 @@ def patient_folds(patients: np.ndarray, labels: np.ndarray, n_folds: int, seed: 
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only k members"
-        folds = [val for _, val in splitter.split(patients, _label_key(labels), groups=patients)]
+        try:
+            folds = [val for _, val in splitter.split(patients, _label_key(labels), groups=patients)]
+        except ValueError as exc:  # every combination of labels is rarer than the folds (sklearn's words follow)
+            raise MaskauditError(
+                f"could not stratify {n_patients} patients into {n_folds} folds by their labels ({exc}); "
+                "lower `folds`, or audit fewer classes at once"
+            ) from None
     if any(len(f) == 0 for f in folds):
         raise MaskauditError(f"could not make {n_folds} non-empty patient folds from {n_patients} patients")
     return folds
