@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -38,7 +37,7 @@ except ImportError:  # run from a checkout without an installed package
 from maskaudit.config import FolderData  # noqa: E402
 from maskaudit.data.sources.folder import FolderSource  # noqa: E402
 from maskaudit.data.store import Store, prepare_store  # noqa: E402
-from maskaudit.masking import apply_strategy, roi_at_spread  # noqa: E402
+from maskaudit.loader import batches, mask_spec  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr_covid_ieee8023"
 CROSS = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
@@ -47,45 +46,12 @@ CROSS = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
 # ----------------------------------------------------------------------------- (a) the store
 
 
-class StoreRows(Dataset):
-    """Whole batches sliced from the memory maps (``__getitems__``); masking happens on tensors."""
-
-    def __init__(self, store: Store, key: str) -> None:
-        self.store, self.dist = store, store.distance(key)
-
-    def __len__(self) -> int:
-        return self.store.n
-
-    def __getitems__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        images = np.asarray(self.store.images[idx[order]])[inverse]
-        dist = np.asarray(self.dist[idx[order]])[inverse]
-        return {
-            "images": torch.from_numpy(images),
-            "dist": torch.from_numpy(dist),
-            "labels": torch.from_numpy(self.store.labels[idx]),
-        }
-
-    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([row]).items()}
-
-
 def store_batches(store: Store, batch: int, strategy: str, spread: int, generator: torch.Generator):
-    chunks = torch.randperm(store.n, generator=generator).split(batch)
-    loader = DataLoader(
-        StoreRows(store, "roi"),
-        batch_sampler=[c.tolist() for c in chunks],
-        collate_fn=lambda b: b,
-        num_workers=0,
-    )
-    scale = 1.0 / store.image_max
-    for raw in loader:
-        images = raw["images"].float().mul_(scale)
-        roi = roi_at_spread(raw["dist"].unsqueeze(1), spread)
-        yield apply_strategy(images, roi, strategy), raw["labels"]
+    """maskaudit's own path (:func:`maskaudit.loader.batches`): slices of the memory maps, masks unpacked and the ROI
+    at ``spread`` computed per batch, masking on tensors."""
+    spec = mask_spec(store, "roi", spread, "zero", 0)
+    for one in batches(store, np.arange(store.n), spec, batch, torch.device("cpu"), generator=generator):
+        yield one.masked(strategy, spec), one.labels
 
 
 # --------------------------------------------------------------- (b) decode every file, every time

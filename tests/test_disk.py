@@ -128,13 +128,13 @@ def _xray_config(cxr_dir: Path, root: Path, count: int, image_size: int) -> Path
 def test_prepare_on_a_full_disk_refuses_with_the_numbers_then_resumes(
     mounts: Mounts, cxr_dir: Path, tmp_path: Path
 ) -> None:
-    # 24 images at 192 px: 0.9 MB of images and 1.8 MB of distance maps, on a 2 MiB disk
-    config = _xray_config(cxr_dir, tmp_path / "data", 24, 192)
+    # 24 images at 320 px: 2.5 MB of images and 0.3 MB of packed masks, on a 2 MiB disk
+    config = _xray_config(cxr_dir, tmp_path / "data", 24, 320)
     disk = mounts.tmpfs("2m")
     run = disk / "run"
     message = _one_error_line(_cli("prepare", "--config", str(config), "--out", str(run)))
-    assert message.startswith(f"No space left on device writing {run}/prepared/images.npy and its distance map "
-                              "(needs 2.7 MB, ")
+    assert message.startswith(f"No space left on device writing {run}/prepared/images.npy and its mask file "
+                              "(needs 2.8 MB, ")
     assert message.endswith(f" MB free): free space or choose another --out, {AGAIN}")
     assert not (run / "prepared" / "store.json").exists()
     assert not (run / "prepared" / "images.npy").exists()
@@ -145,13 +145,13 @@ def test_prepare_on_a_full_disk_refuses_with_the_numbers_then_resumes(
     done = _cli("prepare", "--config", str(config), "--out", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     store = Store.open(run / "prepared")
-    assert store.n == 24 and store.images.shape == (24, 1, 192, 192)
+    assert store.n == 24 and store.images.shape == (24, 1, 320, 320)
 
 
 def test_a_map_on_a_full_disk_is_reserved_not_left_to_sigbus(mounts: Mounts, cxr_dir: Path, tmp_path: Path) -> None:
     """With the space check out of the way (another writer filled the disk after it), the reservation of the
     memory-mapped files (posix_fallocate) still turns the full disk into the message, never SIGBUS."""
-    config = _xray_config(cxr_dir, tmp_path / "data", 24, 192)
+    config = _xray_config(cxr_dir, tmp_path / "data", 24, 320)
     disk = mounts.tmpfs("2m")
     script = textwrap.dedent(f"""
         import sys
@@ -164,7 +164,7 @@ def test_a_map_on_a_full_disk_is_reserved_not_left_to_sigbus(mounts: Mounts, cxr
         store.require_space = lambda *args, **kwargs: None  # as if the disk filled after the check
         source = make_source(load_config(Path({str(config)!r})))
         try:
-            store.prepare_store(source, Path({str(disk / "prepared")!r}), 192, workers=1, progress=False)
+            store.prepare_store(source, Path({str(disk / "prepared")!r}), 320, workers=1, progress=False)
         except DiskError as exc:
             print(exc)
             sys.exit(3)

@@ -90,7 +90,7 @@ def test_a_sideways_jpeg_with_an_upright_mask_is_kept(fundus_dir: Path, tmp_path
     np.testing.assert_array_equal(store.images[0], expected)
     mask = read_mask(mask_path)
     assert store.kept.loc[0, "roi_fraction_roi"] == pytest.approx(mask.mean())
-    np.testing.assert_array_equal(store.distance("roi")[0] <= 0, resize_pad(mask, SIZE, "mask"))
+    np.testing.assert_array_equal(store.masks("roi", [0])[0], resize_pad(mask, SIZE, "mask"))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -348,3 +348,33 @@ def test_scale_spread() -> None:
     assert scale_spread(10, 224) == 4  # 4.375
     with pytest.raises(ValueError):
         scale_spread(5, 0)
+
+
+# ------------------------------------------------------------------------------ the distance computed per batch
+
+
+def test_taxicab_distance_on_tensors_equals_scipys(real_masks: dict[str, np.ndarray]) -> None:
+    """The store keeps bit-packed masks; the distance a spread reads is computed per batch, exactly."""
+    from maskaudit.masking import distance_map, taxicab_distance
+
+    rng = np.random.default_rng(0)
+    masks = [np.asarray(m).astype(bool) for m in real_masks.values()]
+    masks += [rng.random((int(h), int(w))) < p for h, w, p in zip(rng.integers(1, 48, 40), rng.integers(1, 48, 40),
+                                                                   rng.random(40) * 0.3, strict=True)]
+    masks += [np.zeros((9, 13), bool), np.ones((9, 13), bool)]
+    for mask in masks:
+        expected = signed_taxicab_distance(mask)
+        np.testing.assert_array_equal(taxicab_distance(torch.from_numpy(mask)).numpy(), expected)
+        np.testing.assert_array_equal(distance_map(torch.from_numpy(mask)[None, None]).numpy()[0, 0], expected)
+    batch = torch.from_numpy(np.stack([masks[0], masks[0][::-1]]))[:, None]
+    np.testing.assert_array_equal(taxicab_distance(batch).numpy(), distance_map(batch).numpy())
+    with pytest.raises(TypeError, match="bool"):
+        taxicab_distance(torch.zeros(4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_taxicab_distance_on_cuda_equals_cpu(real_masks: dict[str, np.ndarray]) -> None:
+    from maskaudit.masking import distance_map
+
+    batch = torch.from_numpy(np.stack([np.asarray(m).astype(bool) for m in list(real_masks.values())[:2]]))[:, None]
+    np.testing.assert_array_equal(distance_map(batch.cuda()).cpu().numpy(), distance_map(batch).numpy())

@@ -20,7 +20,6 @@ from maskaudit.data.sources.base import Loaded, Record
 from maskaudit.data.sources.folder import FolderSource
 from maskaudit.data.store import Store, prepare_store, to_pixels
 from maskaudit.errors import MaskauditError
-from maskaudit.masking import signed_taxicab_distance
 
 SIZE = 48
 HEADER = ["image", "mask", "box", "image_id", "patient_id", "covid", "sex"]
@@ -137,7 +136,7 @@ def test_manifest_holds_every_row_with_its_reason(reference: Store) -> None:
         "image file not found",
     }  # fmt: skip
     assert sorted(path.name for path in reference.root.iterdir()) == [
-        "dist_box.npy", "dist_roi+box.npy", "dist_roi.npy", "images.npy", "manifest.parquet", "store.json",
+        "images.npy", "manifest.parquet", "mask_box.npy", "mask_roi+box.npy", "mask_roi.npy", "store.json",
     ]  # fmt: skip
 
 
@@ -150,10 +149,11 @@ def test_arrays_match_a_direct_resize_of_the_files(reference: Store, folder: Pat
         np.testing.assert_array_equal(reference.images[i, 0], expected)
         roi = resize_pad(read_mask(folder.parent / "masks" / name), SIZE, "mask")
         box = resize_pad(read_mask(folder.parent / "boxes" / name), SIZE, "mask")
-        np.testing.assert_array_equal(reference.distance("roi")[i], signed_taxicab_distance(roi))
-        np.testing.assert_array_equal(reference.distance("box")[i], signed_taxicab_distance(box))
-        np.testing.assert_array_equal(reference.distance("roi+box")[i], signed_taxicab_distance(roi | box))
-    assert reference.distance("roi").dtype == np.int16
+        np.testing.assert_array_equal(reference.masks("roi", [i])[0], roi)
+        np.testing.assert_array_equal(reference.masks("box", [i])[0], box)
+        np.testing.assert_array_equal(reference.masks("roi+box", [i])[0], roi | box)
+    assert reference.packed_masks("roi").dtype == np.uint8
+    assert reference.packed_masks("roi").shape == (reference.n, SIZE, (SIZE + 7) // 8)
     np.testing.assert_array_equal(reference.labels[:, 0], reference.kept["covid"].to_numpy(dtype=np.float32))
     mean = np.mean([reference.images[i] / 255.0 for i in range(6)])
     assert reference.mean_intensity == pytest.approx(mean, rel=1e-9)
@@ -161,7 +161,7 @@ def test_arrays_match_a_direct_resize_of_the_files(reference: Store, folder: Pat
 
 def test_unknown_roi_keys_name_the_available_ones(reference: Store, folder: Path, tmp_path: Path) -> None:
     with pytest.raises(MaskauditError, match=r"'box\+roi'.*available: roi, box, roi\+box"):
-        reference.distance("box+roi")
+        reference.masks("box+roi")
     with pytest.raises(MaskauditError, match="'lungs'"):
         prepare_store(FolderSource(config_for(folder)), tmp_path / "s", SIZE, ("roi+lungs",), workers=1)
 
@@ -174,14 +174,18 @@ def test_workers_give_identical_stores(reference: Store, folder: Path, tmp_path:
     assert store_files(parallel.root) == store_files(reference.root)
 
 
-def test_sixteen_bit_sources_make_a_sixteen_bit_store(cxr_dir: Path, tmp_path: Path) -> None:
+def test_sixteen_bit_sources_are_stored_with_8_bits_unless_bits_16(cxr_dir: Path, tmp_path: Path) -> None:
+    """8 bits after the per-image maximum scaling, as the study fed its network; ``bits=16`` keeps 16."""
     csv_path = build_folder(cxr_dir, tmp_path / "data", sixteen_bit=True)
+    study = prepare_store(FolderSource(config_for(csv_path)), tmp_path / "study", SIZE, workers=1, progress=False)
     store = prepare_store(
-        FolderSource(config_for(csv_path)), tmp_path / "prepared", SIZE, workers=1, progress=False
+        FolderSource(config_for(csv_path)), tmp_path / "prepared", SIZE, workers=1, progress=False, bits=16
     )
+    assert study.images.dtype == np.uint8 and study.image_max == 255
     assert store.images.dtype == np.uint16 and store.image_max == 65535
     for i, row in store.kept.iterrows():
         image = read_image(csv_path.parent / row["source_path"])
+        np.testing.assert_array_equal(study.images[i, 0], to_pixels(resize_pad(image, SIZE), 255))
         if i == 1:
             assert image.dtype == np.uint16
             expected = to_pixels(resize_pad(image, SIZE), 65535)
@@ -270,8 +274,8 @@ def test_open_refuses_a_missing_or_incomplete_store(reference: Store, tmp_path: 
         Store.open(tmp_path / "nothing")
     broken = tmp_path / "broken"
     shutil.copytree(reference.root, broken)
-    (broken / "dist_box.npy").unlink()
-    with pytest.raises(MaskauditError, match="missing dist_box.npy"):
+    (broken / "mask_box.npy").unlink()
+    with pytest.raises(MaskauditError, match="missing mask_box.npy"):
         Store.open(broken)
 
 
@@ -311,8 +315,8 @@ def test_the_real_fundus_set_in_colour_with_a_union(fundus_dir: Path, tmp_path: 
     )
     assert store.n == 101 and store.channels == 3 and store.images.shape == (101, 3, 32, 32)
     assert (store.kept["split"] == "test").sum() == 51
-    disc, cup = store.distance("roi") <= 0, store.distance("cup") <= 0
-    np.testing.assert_array_equal(store.distance("roi+cup") <= 0, disc | cup)
+    disc, cup = store.masks("roi"), store.masks("cup")
+    np.testing.assert_array_equal(store.masks("roi+cup"), disc | cup)
     assert (store.kept["roi_fraction_cup"] < store.kept["roi_fraction_roi"]).all()
 
 
@@ -326,7 +330,7 @@ def test_a_source_without_masks_and_one_without_usable_images(folder: Path, tmp_
     assert store.manifest.set_index("image_id").loc["empty", "reason"] == \
         "duplicate image file: same image file as 'mismatch' (row 10, patient 'mismatch')"
     with pytest.raises(MaskauditError, match=r"available: \(none\)"):
-        store.distance("roi")
+        store.masks("roi")
     frame = pd.read_csv(folder)
     frame.loc[:, "covid"] = 3
     frame.to_csv(tmp_path / "labels.csv", index=False)

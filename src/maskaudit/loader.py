@@ -1,14 +1,15 @@
 """Batches of masked images from the prepared store, for training and prediction.
 
-Workers only slice the memory-mapped store (integers: pixels and signed distances); the
-conversion to float, the ROI at the run's spread and the masking strategy happen on the
-device, on the whole batch (SPEC §2: masking before augmentation).
+Workers only slice the memory-mapped store (integers: pixels and bit-packed masks); the
+conversion to float, the unpacking of the masks, the ROI at the run's spread (a distance map computed
+for the batch when the spread is not 0) and the masking strategy happen on the device, on the whole
+batch (SPEC §2: masking before augmentation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from maskaudit.data.store import Store
 from maskaudit.errors import MaskauditError
-from maskaudit.masking import apply_strategy, roi_at_spread
+from maskaudit.masking import apply_strategy, distance_map, roi_at_spread
 from maskaudit.metrics import MAIN
 from maskaudit.seeds import derive_seed
 from maskaudit.strategies import MaskSpec
@@ -44,14 +45,14 @@ def roi_key(roi: str | None, store: Store, required: bool = True) -> str | None:
 
 
 def mask_spec(store: Store, roi: str | None, spread: int, fill: str, seed: int, dataset: str = MAIN,
-              required: bool = True) -> MaskSpec:
+              required: bool = True, scale: str = "before_masking") -> MaskSpec:
     """The masking of one dataset, resolved once: the ROI key against its store, the fill's value and noise stream.
 
     ``spread`` is in pixels at the run's image size; the ``mean`` fill's value is the store's mean intensity; the
     ``noise`` fill's stream is named by the run's seed and the dataset (:func:`maskaudit.seeds.derive_seed`).
     """
     return MaskSpec(roi=roi_key(roi, store, required), spread=int(spread), fill=fill,
-                    fill_value=store.mean_intensity, noise_seed=derive_seed(seed, "noise", dataset))
+                    fill_value=store.mean_intensity, noise_seed=derive_seed(seed, "noise", dataset), scale=scale)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,13 +73,24 @@ class Batch:
     roi: torch.Tensor | None  # bool (B, 1, S, S); None for data without masks
     labels: torch.Tensor  # float (B, K)
     index: torch.Tensor  # int64 (B,)
-    dist: torch.Tensor | None = None  # int16 (B, 1, S, S): signed distance maps the ROI was read from
+    mask: torch.Tensor | None = None  # bool (B, 1, S, S): the ROI as prepared (spread 0)
+    _dist: list = field(default_factory=list, repr=False)  # the distance maps, once computed (shared by at_spread)
+
+    @property
+    def dist(self) -> torch.Tensor | None:
+        """Signed taxicab distance maps of :attr:`mask` (int16 (B, 1, S, S)), computed once per batch; None without
+        masks."""
+        if self.mask is None:
+            return None
+        if not self._dist:
+            self._dist.append(distance_map(self.mask))
+        return self._dist[0]
 
     def at_spread(self, spread: int) -> Batch:
         """The same images with the ROI at another spread (the dilation sweep): one comparison, no re-read."""
-        if self.dist is None:
+        if self.mask is None:
             raise MaskauditError("this data has no ROI masks, so the ROI has no spread")
-        return replace(self, roi=roi_at_spread(self.dist, spread))
+        return replace(self, roi=self.mask if spread == 0 else roi_at_spread(self.dist, spread))
 
     def masked(self, strategy: str, spec: MaskSpec) -> torch.Tensor:
         """The batch as a model trained or tested under ``strategy`` sees it, masked as ``spec`` says."""
@@ -88,7 +100,7 @@ class Batch:
             return self.images
         seeds = (self.index + spec.noise_seed) % np.int64(2**62) if spec.fill == "noise" else None
         return apply_strategy(self.images, self.roi, strategy, fill=spec.fill, fill_value=spec.fill_value,
-                              noise_seeds=seeds)
+                              noise_seeds=seeds, rescale=spec.scale == "after_masking")
 
 
 class _StoreRows(Dataset):
@@ -113,7 +125,7 @@ class _StoreRows(Dataset):
             "index": torch.from_numpy(idx),
         }
         if self.key is not None:
-            rows["dist"] = torch.from_numpy(np.asarray(self.store.distance(self.key)[sorted_idx])[inverse])
+            rows["mask"] = torch.from_numpy(np.asarray(self.store.packed_masks(self.key)[sorted_idx])[inverse])
         return rows
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:  # pragma: no cover - DataLoader uses __getitems__
@@ -149,16 +161,14 @@ def batches(
         persistent_workers=False,
     )
     scale = 1.0 / store.image_max
+    bits = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)  # np.packbits: high first
+    size = store.image_size
     for raw in loader:
         images = raw["images"].to(device, non_blocking=True).float().mul_(scale)
-        roi = dist = None
-        if "dist" in raw:
-            dist = raw["dist"].to(device, non_blocking=True).unsqueeze(1)
-            roi = roi_at_spread(dist, spec.spread)
-        yield Batch(
-            images=images,
-            roi=roi,
-            labels=raw["labels"].to(device, non_blocking=True),
-            index=raw["index"],
-            dist=dist,
-        )
+        mask = None
+        if "mask" in raw:
+            packed = raw["mask"].to(device, non_blocking=True)
+            mask = (packed.unsqueeze(-1) & bits).ne(0).flatten(-2)[..., :size].unsqueeze(1)
+        batch = Batch(images=images, roi=mask, labels=raw["labels"].to(device, non_blocking=True), index=raw["index"],
+                      mask=mask)
+        yield batch.at_spread(spec.spread) if mask is not None and spec.spread != 0 else batch

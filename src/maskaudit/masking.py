@@ -30,9 +30,11 @@ __all__ = [
     "SWEEP_SPREADS",
     "apply_strategy",
     "bounding_box",
+    "distance_map",
     "roi_at_spread",
     "scale_spread",
     "signed_taxicab_distance",
+    "taxicab_distance",
 ]
 
 #: Distances are stored as int16; farther than this counts as "infinitely far".
@@ -65,6 +67,56 @@ def signed_taxicab_distance(mask: np.ndarray) -> np.ndarray:
     np.clip(signed, -FAR, FAR, out=signed)
     out[...] = signed
     return out
+
+
+def _nearest_along(far: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[i] = min_j (far[j] + |i - j|)`` along ``dim``: a 1-D distance pass, as two prefix minima.
+
+    ``min_{j<=i} (far[j] + i - j) = i + cummin(far - j)`` from the start, and the mirror image from the end.
+    """
+    n = far.shape[dim]
+    shape = [1] * far.dim()
+    shape[dim] = n
+    index = torch.arange(n, device=far.device, dtype=far.dtype).view(shape)
+    forward = torch.cummin(far - index, dim=dim).values + index
+    backward = torch.flip(torch.cummin(torch.flip(far + index, [dim]), dim=dim).values, [dim]) - index
+    return torch.minimum(forward, backward)
+
+
+def _taxicab_to(mask: torch.Tensor) -> torch.Tensor:
+    """Taxicab distance of every pixel to the nearest pixel of ``mask`` (bool (..., H, W)), int32; ``FAR`` or more
+    where ``mask`` is empty. The city-block metric is separable: a pass along the rows, then along the columns."""
+    far = torch.where(mask, 0, 2 * int(FAR)).to(torch.int32)
+    return _nearest_along(_nearest_along(far, far.dim() - 1), far.dim() - 2)
+
+
+def taxicab_distance(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`signed_taxicab_distance` of a batch of masks on their device: int16 of the masks' shape.
+
+    ``mask``: bool (..., H, W). Exact (the same integers as SciPy's ``distance_transform_cdt`` with the taxicab
+    metric, tested): outside a mask the distance to it, inside ``1 - `` the distance to the background, clipped to
+    ``±FAR``; an empty mask is ``FAR`` everywhere, a full one ``-FAR``. Four prefix minima per image, so the store
+    keeps bit-packed masks and computes the map per batch where a spread other than 0 needs it.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.dim() < 2:
+        raise ValueError(f"mask must have at least 2 dimensions (H, W), got shape {tuple(mask.shape)}")
+    signed = torch.where(mask, 1 - _taxicab_to(~mask), _taxicab_to(mask))
+    return signed.clamp_(-int(FAR), int(FAR)).to(torch.int16)
+
+
+def distance_map(mask: torch.Tensor) -> torch.Tensor:
+    """Signed taxicab distance maps of a batch of masks (bool (..., H, W)), int16, on the masks' device.
+
+    On a GPU :func:`taxicab_distance` (prefix minima, exact); on the CPU SciPy's chamfer transform per mask
+    (:func:`signed_taxicab_distance`, about 12× faster there); the same integers either way.
+    """
+    if mask.device.type != "cpu":
+        return taxicab_distance(mask)
+    flat = mask.reshape(-1, *mask.shape[-2:]).numpy()
+    out = np.stack([signed_taxicab_distance(m) for m in flat]) if len(flat) else np.zeros(flat.shape, np.int16)
+    return torch.from_numpy(out.reshape(mask.shape))
 
 
 # ------------------------------------------------------------------------------------ spread & sweep
@@ -179,6 +231,7 @@ def apply_strategy(
     noise_seeds: torch.Tensor | None = None,
     *,
     noise_std: float = DEFAULT_NOISE_STD,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """The images a model is fed under ``strategy`` (SPEC §2 and §8).
 
@@ -204,6 +257,15 @@ def apply_strategy(
       ``noise_seeds[b]`` and then moved to the images' device, so an image gets the same noise
       whatever batch it sits in and on any device; ``noise_seeds`` (int64, shape (B,)) is required.
 
+    With ``rescale`` (``scale: after_masking``) the kept pixels of each image are first divided by their own
+    maximum (over every channel; an image that keeps only zeros stays as it is), so that they span [0, 1] whatever
+    lies outside them. The stored images were divided by their own maximum at preparation (SPEC §1, the study's
+    order); dividing again by the kept maximum gives exactly the kept pixels divided by their own maximum in the
+    source's units: a bright marker outside the ROI, which set the stored image's maximum and so lowered every
+    pixel inside the ROI, no longer reaches them. What remains is the stored quantisation (8-bit stores keep fewer
+    levels inside a ROI darkened by a bright outside object). ``full`` and ``roi_shape`` are not rescaled: the
+    first keeps every pixel (its maximum is already 1), the second is binary.
+
     The result has the images' dtype and device. Unknown strategies or fills are a ValueError
     naming the known ones.
     """
@@ -216,6 +278,9 @@ def apply_strategy(
     if entry.image is not None:  # full (the image as is), roi_shape (the silhouette): no fill
         return entry.image(images, roi)
     keep = entry.keep(roi, bounding_box)
+    if rescale:
+        peak = (images * keep).amax(dim=(1, 2, 3), keepdim=True)
+        images = images / torch.where(peak > 0, peak, torch.ones_like(peak))
 
     if fill == "zero":
         return images * keep

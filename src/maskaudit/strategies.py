@@ -138,10 +138,23 @@ def evidence_cells() -> dict[str, list[tuple[str, str]]]:
     return cells
 
 
-def probe_cells(model: str) -> dict[str, list[tuple[str, str]]]:
-    """:func:`evidence_cells` for a probed model: that one model on each masking whose ``probe`` is set."""
+def adapted_name(model: str, strategy: str) -> str:
+    """The ``train_strategy`` of a probed model adapted to ``strategy`` (``maskaudit.adapt``): ``model+strategy``; a
+    control that is not a probed model's copy (``probe`` unset: ``roi_shape``) is the strategy's own name."""
+    return f"{model}+{strategy}" if STRATEGIES[strategy].probe else strategy
+
+
+def probe_cells(model: str, adapted: Iterable[str] = ()) -> dict[str, list[tuple[str, str]]]:
+    """:func:`evidence_cells` for a probed model: that one model on each masking whose ``probe`` is set.
+
+    With ``adapted`` (the probe's ``adapt.strategies``), each role reads first, as a full audit does, the models
+    trained on its maskings (:func:`adapted_name` → the strategy, by rank), then the probed model itself: inside is
+    ``m+only_roi→only_roi, m→only_roi, m→only_roi_bbox``, shape ``roi_shape→roi_shape``.
+    """
     ranked = sorted(STRATEGIES.values(), key=lambda s: s.rank)
-    return {role: [(model, s.name) for s in ranked if s.evidence == role and s.probe]
+    chosen = set(adapted)
+    return {role: [(adapted_name(model, s.name), s.name) for s in ranked if s.evidence == role and s.name in chosen]
+            + [(model, s.name) for s in ranked if s.evidence == role and s.probe]
             for role in ("full", "inside", "outside", "shape")}
 
 
@@ -176,6 +189,10 @@ class MaskSpec:
     noise_seed : int
         The ``noise`` fill's stream (:func:`maskaudit.seeds.derive_seed`); image ``i`` of the store draws its noise
         from ``noise_seed + i``, so an image gets the same noise in any batch.
+    scale : {"before_masking", "after_masking"}
+        ``before_masking`` (the study): the stored image, divided by its own maximum at preparation, is masked as it
+        is; ``after_masking``: the kept pixels are divided again by their own maximum
+        (:func:`maskaudit.masking.apply_strategy`, ``rescale``).
     """
 
     roi: str | None
@@ -183,6 +200,7 @@ class MaskSpec:
     fill: Fill = "zero"
     fill_value: float | tuple[float, ...] = 0.0
     noise_seed: int = 0
+    scale: str = "before_masking"
 
     def at_spread(self, spread: int) -> MaskSpec:
         """The same masking with the ROI at another spread (the dilation sweep)."""

@@ -271,7 +271,8 @@ def pad_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int
     return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
 
 
-def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "image") -> np.ndarray:
+def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "image",
+               scaled: bool = True) -> np.ndarray:
     """Resize with padding to a square (SPEC §1), keeping the aspect ratio.
 
     The longer side becomes ``size``; the content is centred on a zero background.
@@ -288,6 +289,8 @@ def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "i
         ``"image"``: the resized, padded image divided by its own maximum (one maximum over
         all channels, taken after resizing, so the result spans [0, 1]; an all-zero image
         stays zero). ``"mask"``: the same resize of the mask as 0/1 floats, then ``> 0``.
+    scaled : bool
+        ``False``: an image is not divided by its maximum (the caller keeps the maximum, then divides).
 
     Returns
     -------
@@ -317,6 +320,6 @@ def resize_pad(array: np.ndarray, size: int, kind: Literal["image", "mask"] = "i
         return out > 0
     np.clip(out, 0.0, None, out=out)  # INTER_LINEAR never overshoots, but stay safe for negative input
     peak = float(out.max())
-    if peak > 0:
+    if scaled and peak > 0:
         out /= peak
     return out

@@ -4,20 +4,28 @@
 
     prepared/
       images.npy            (n, C, S, S) uint8, or uint16 when any kept source image is 16-bit
-      dist_<key>.npy        (n, S, S) int16 signed taxicab distance of each ROI's resized mask,
-                            one per named ROI and per union key such as ``dist_left+right.npy``
+      mask_<key>.npy        (n, S, ceil(S / 8)) uint8: each ROI's resized mask, bit-packed along the rows
+                            (``np.packbits``, first pixel in the high bit), one per named ROI and per
+                            union key such as ``mask_left+right.npy``
       manifest.parquet      every input row, kept or rejected, with its reason
       store.json            written last: the completion marker and the store's description
       .partial/             only while preparing: provisional slots, resumable
 
 Preparation lists the source's records first (cheap), gives every candidate a provisional
-slot, and lets worker processes decode, resize and compute distance maps, a bounded number
+slot, and lets worker processes decode, resize and pack the masks, a bounded number
 of images at a time; the parent writes each result into memory-mapped slot files and
 records, every few seconds, which slots are finished. A killed preparation, started again,
 continues with the unfinished slots. Failures (unreadable files, mask size mismatch, empty
 ROI, all-zero image) are only known after loading, so a final pass compacts the kept slots to
 indices ``0 .. n-1`` (a rename when nothing failed). The result does not depend on the
 number of workers or the order in which they finish.
+
+At 512 px with lungs, heart and their union an image takes 256 KiB of pixels (8-bit) and 3 × 32 KiB of
+masks, 0.36 MB in all, on disk and in the page cache. The signed taxicab distance a spread other than 0
+reads is computed per batch from the mask (:func:`maskaudit.masking.distance_map`: exact, on the batch's
+device), not stored: an int16 map per ROI took 0.5 MiB each. Images are stored with 8 bits after the
+per-image maximum scaling, as the study fed them (its preprocessing saved max-scaled 8-bit PNGs);
+``bits=16`` keeps 16 bits for 16-bit sources (PadChest, DICOM).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import re
@@ -45,20 +54,20 @@ import pyarrow as pa
 from maskaudit.data.imaging import resize_pad
 from maskaudit.data.sources.base import Record, Rejected, Source, shown_path
 from maskaudit.errors import MaskauditError, require_space
-from maskaudit.masking import signed_taxicab_distance
 from maskaudit.progress import stage
 from maskaudit.rundir import allocated, atomic_path, read_json, reserve, write_json, write_table
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: bit-packed masks instead of distance maps; 8-bit images unless bits=16
 MARKER = "store.json"
 MANIFEST = "manifest.parquet"
 IMAGES = "images.npy"
+#: The manifest's column of each kept image's maximum before the per-image scaling (SPEC §1), in the source's units
+#: after resizing: the factor its stored pixels were divided by (the ``scale`` diagnostic of the baseline analysis).
+PEAK = "image_max"
 WORK = ".partial"
 #: the parent records finished slots after this many results or this many seconds, whichever first
-#: the distance-map value of an image without masks (kept only in an external set): never inside any ROI
-NO_MASK = np.iinfo(np.int16).max
 CHECKPOINT_EVERY = 64
 CHECKPOINT_SECONDS = 2.0
 #: bytes of each blake2b digest: of the stored content, and of the image file (the same file on two rows)
@@ -67,12 +76,17 @@ DIGEST = 16
 _PENDING, _FAILED, _DONE8, _DONE16 = 0, 1, 8, 16
 #: manifest columns that classes and metadata columns may not reuse
 FIXED_COLUMNS = ("image_id", "patient_id", "status", "reason", "source_path", "row", "index", "split", "no_masks",
-                 "same_file_as")
+                 "same_file_as", PEAK)
 
 
-def dist_file(key: str) -> str:
-    """File name of the distance maps of a ROI key (a named ROI or a union ``a+b``)."""
-    return f"dist_{key}.npy"
+def mask_file(key: str) -> str:
+    """File name of the bit-packed masks of a ROI key (a named ROI or a union ``a+b``)."""
+    return f"mask_{key}.npy"
+
+
+def packed_width(size: int) -> int:
+    """Bytes per packed mask row of ``size`` pixels."""
+    return (size + 7) // 8
 
 
 def reason_kind(reason: str) -> str:
@@ -141,6 +155,7 @@ class _Settings:
     channels: int
     rois: tuple[str, ...]
     unions: tuple[str, ...]
+    bits: int = 8  # 16: keep 16 bits for 16-bit sources
 
 
 @dataclass
@@ -148,9 +163,10 @@ class _Result:
     slot: int
     failure: str = ""
     image: np.ndarray | None = None  # (C, S, S) uint8 (8-bit source) or uint16 (16-bit source)
-    dists: list[np.ndarray] = field(default_factory=list)  # per key, (S, S) int16
+    masks: list[np.ndarray] = field(default_factory=list)  # per key, (S, ceil(S / 8)) uint8, bit-packed
     fractions: list[float] = field(default_factory=list)  # per named ROI, share of the native image
     mean: float = 0.0  # mean pixel value in [0, 1]
+    peak: float = math.nan  # the resized image's maximum in the source's units, which the stored pixels are divided by
     #: what was stored (blake2b of the pixels and maps), then the image file's own bytes (:func:`_hashed`)
     digest: bytes = b""
 
@@ -185,7 +201,7 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
     """Load, resize and measure one record. User-caused problems become a failure reason.
 
     A record without masks (``record.no_masks``, kept only in an external set) gets
-    :data:`NO_MASK` distance maps and NaN ROI fractions.
+    empty masks and NaN ROI fractions.
     """
     try:
         loaded = source.load(record)
@@ -228,33 +244,35 @@ def _process(source: Source, record: Record, slot: int, settings: _Settings) -> 
 
 def _measured(slot: int, image: np.ndarray, rois: dict[str, np.ndarray], settings: _Settings, where: str,
               fractions: list[float] | None = None) -> _Result:
-    """The stored pixels and distance maps of a loaded image; no ``rois``: every map is :data:`NO_MASK`.
+    """The stored pixels and packed masks of a loaded image; no ``rois``: every mask is empty.
 
     An array that cannot be resized (``resize_pad``'s MaskauditError, e.g. an empty one) is the row's failure.
     """
     if not np.any(image):
         return _Result(slot, failure=f"image all zero: {where}")
-    wide = image.dtype.kind == "f" or image.dtype.itemsize > 1
+    wide = settings.bits == 16 and (image.dtype.kind == "f" or image.dtype.itemsize > 1)
     try:
-        image01 = resize_pad(image, settings.image_size, "image")
+        resized = resize_pad(image, settings.image_size, "image", scaled=False)
+        peak = float(resized.max())
+        image01 = resized / np.float32(peak) if peak > 0 else resized
         masks = {roi: resize_pad(rois[roi], settings.image_size, "mask") for roi in settings.rois} if rois else {}
     except MaskauditError as exc:
         return _Result(slot, failure=f"unreadable image or mask: {where}: {exc}")
     pixels = to_pixels(image01, 65535 if wide else 255)
     pixels = pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
     if rois:
-        dists = [signed_taxicab_distance(masks[roi]) for roi in settings.rois]
+        packed = [np.packbits(masks[roi], axis=-1) for roi in settings.rois]
         for key in settings.unions:
-            dists.append(signed_taxicab_distance(np.logical_or.reduce([masks[p] for p in key.split("+")])))
+            packed.append(np.packbits(np.logical_or.reduce([masks[p] for p in key.split("+")]), axis=-1))
     else:
-        blank = np.full((settings.image_size, settings.image_size), NO_MASK, dtype=np.int16)
-        dists = [blank] * (len(settings.rois) + len(settings.unions))
+        blank = np.zeros((settings.image_size, packed_width(settings.image_size)), dtype=np.uint8)
+        packed = [blank] * (len(settings.rois) + len(settings.unions))
         fractions = [math.nan] * len(settings.rois)
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=DIGEST)
-    for dist in dists:
-        digest.update(dist.tobytes())
+    for mask in packed:
+        digest.update(mask.tobytes())
     mean = float(pixels.mean(dtype=np.float64)) / (65535 if wide else 255)
-    return _Result(slot, "", pixels, dists, fractions or [], mean, digest.digest())
+    return _Result(slot, "", pixels, packed, fractions or [], mean, peak=peak, digest=digest.digest())
 
 
 def _image_file(record: Record) -> Path | None:
@@ -355,9 +373,10 @@ class _Slots:
         self._require_space(m, size, n_rois)
         work.mkdir(parents=True, exist_ok=True)
         self.state = self._array("state.npy", (m,), np.uint8, fresh)
-        self.dists = [self._array(dist_file(k), (m, size, size), np.int16, fresh) for k in self.keys]
+        self.masks = [self._array(mask_file(k), (m, size, packed_width(size)), np.uint8, fresh) for k in self.keys]
         self.fractions = self._array("fractions.npy", (m, max(n_rois, 1)), np.float64, fresh)
         self.means = self._array("means.npy", (m,), np.float64, fresh)
+        self.peaks = self._array("peaks.npy", (m,), np.float64, fresh)
         self.digests = self._array("digests.npy", (m, 2 * DIGEST), np.uint8, fresh)  # content, then file (_hashed)
         self.images: np.memmap | None = None
         if not fresh and (work / IMAGES).is_file():
@@ -376,7 +395,8 @@ class _Slots:
         """Whether ``work`` holds an unfinished preparation of the same plan with all its files."""
         if not plan_file.is_file() or read_json(plan_file).get("plan") != plan:
             return False
-        names = ["state.npy", "fractions.npy", "means.npy", "digests.npy", *(dist_file(k) for k in self.keys)]
+        names = ["state.npy", "fractions.npy", "means.npy", "peaks.npy", "digests.npy",
+                 *(mask_file(k) for k in self.keys)]
         if not all((self.work / name).is_file() for name in names):
             return False  # e.g. killed between the final renames and store.json
         finished = np.load(self.work / "state.npy", mmap_mode="r") >= _DONE8
@@ -395,9 +415,10 @@ class _Slots:
         wide = images.is_file() and images.stat().st_size > _npy_bytes(shape, np.uint8)
         layout: dict[str, tuple[tuple[int, ...], Any]] = {
             "state.npy": ((m,), np.uint8),
-            **{dist_file(k): ((m, size, size), np.int16) for k in self.keys},
+            **{mask_file(k): ((m, size, packed_width(size)), np.uint8) for k in self.keys},
             "fractions.npy": ((m, max(n_rois, 1)), np.float64),
             "means.npy": ((m,), np.float64),
+            "peaks.npy": ((m,), np.float64),
             "digests.npy": ((m, 2 * DIGEST), np.uint8),
             IMAGES: (shape, np.uint16 if wide else np.uint8),
         }
@@ -450,11 +471,12 @@ class _Slots:
             if images.dtype == np.uint16 and not wide:
                 pixels = pixels.astype(np.uint16) * 257
             images[result.slot] = pixels
-            for target, dist in zip(self.dists, result.dists, strict=True):
-                target[result.slot] = dist
+            for target, mask in zip(self.masks, result.masks, strict=True):
+                target[result.slot] = mask
             if result.fractions:
                 self.fractions[result.slot] = result.fractions
             self.means[result.slot] = result.mean
+            self.peaks[result.slot] = result.peak
             self.digests[result.slot] = np.frombuffer(result.digest, dtype=np.uint8)
             self.pending.append((result.slot, _DONE16 if wide else _DONE8))
         if len(self.pending) >= CHECKPOINT_EVERY or time.monotonic() - self.last >= CHECKPOINT_SECONDS:
@@ -464,9 +486,11 @@ class _Slots:
         """Flush the data, then the failure list, then mark the slots finished (in that order)."""
         if not self.pending:
             return
-        for array in (self.images, *self.dists, self.fractions, self.means, self.digests):
+        for array in (self.images, *self.masks, self.fractions, self.means, self.peaks, self.digests):
             if array is not None:
                 array.flush()
+        for array in (self.images, *self.masks):  # written and flushed: out of this process's memory
+            release(array)
         write_json(self.work / "failures.json", {str(k): v for k, v in sorted(self.failures.items())})
         for slot, state in self.pending:
             self.state[slot] = state
@@ -476,12 +500,21 @@ class _Slots:
 
     def close(self) -> None:
         self.images = None
-        self.dists = []
+        self.masks = []
+
+
+def release(array: np.memmap | None) -> None:
+    """Drop a flushed memory map's pages from this process (``madvise(MADV_DONTNEED)`` on a shared file mapping: the
+    data stays in the file and the page cache, and is read back on the next access), so that preparing 100k images
+    keeps the memory of a few checkpoints, not of the whole store. A no-op where ``madvise`` is not available."""
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
 
 
 def _store_files(out: Path, maps: int) -> str:
-    """How a disk message names a store's arrays: ``RUN/prepared/images.npy and its 2 distance maps``."""
-    tail = "" if not maps else " and its distance map" if maps == 1 else f" and its {maps} distance maps"
+    """How a disk message names a store's arrays: ``RUN/prepared/images.npy and its 2 mask files``."""
+    tail = "" if not maps else " and its mask file" if maps == 1 else f" and its {maps} mask files"
     return f"{out / IMAGES}{tail}"
 
 
@@ -593,6 +626,7 @@ def prepare_store(
     progress: bool = True,
     masks: Literal["required", "optional"] = "required",
     duplicate_images: Literal["reject", "warn"] = "reject",
+    bits: Literal[8, 16] = 8,
 ) -> Store:
     """Decode every image of ``source`` once into a prepared store under ``out``.
 
@@ -606,7 +640,7 @@ def prepare_store(
         Side S of the square images (resize with padding, SPEC §1).
     roi_keys : sequence of str
         Union keys such as ``"disc+cup"`` to precompute besides the named ROIs (named ROIs
-        may be listed too; they always get distance maps).
+        may be listed too; they always get masks).
     workers : int
         Processes that decode images; 0 = one per CPU core, 1 = in this process.
     progress : bool
@@ -616,7 +650,7 @@ def prepare_store(
         ``"required"`` (a dataset that trains models) rejects it with that reason;
         ``"optional"`` (an external test set) keeps it, to be scored under ``full`` alone
         (the study scored its external set unmasked): its ``no_masks`` column says why, its
-        distance maps are :data:`NO_MASK` and :attr:`Store.masked` is False for it.
+        masks are empty and :attr:`Store.masked` is False for it.
     duplicate_images : {"reject", "warn"}
         What becomes of a kept row whose image file is byte-identical to an earlier kept row's
         (the blake2b of the raw file, taken by the worker that decodes it; sources that make their
@@ -640,6 +674,10 @@ def prepare_store(
     unless kept). Rejections found while preparing: ``unreadable image or mask``, ``mask size
     mismatch``, ``empty ROI mask`` (naming the ROI), ``image all zero``, ``duplicate image id``,
     ``duplicate image file`` (see ``duplicate_images``).
+
+    bits : {8, 16}
+        Bits per stored pixel: 8 (the default, as the study fed its network: each image divided by its own maximum,
+        then 8-bit), or 16, which keeps 16 bits for 16-bit sources (an 8-bit source stays 8-bit).
 
     Returns
     -------
@@ -678,7 +716,7 @@ def prepare_store(
             f"manifest's own columns {', '.join(FIXED_COLUMNS)}; "
             f"got classes {classes}, metadata {metadata_columns}"
         )
-    settings = _Settings(image_size, int(source.channels), rois, unions)
+    settings = _Settings(image_size, int(source.channels), rois, unions, int(bits))
 
     items = list(source.records())
     description = describe_source(source)
@@ -686,7 +724,7 @@ def prepare_store(
         "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels, "rois": list(rois),
         "unions": list(unions), "classes": classes, "metadata": metadata_columns, "source": description,
         "masks": masks, "items": [_listing_entry(item) for item in items],
-        "duplicate_images": duplicate_images, "digests": [DIGEST, "content", "file"],
+        "duplicate_images": duplicate_images, "digests": [DIGEST, "content", "file"], "bits": int(bits),
     }  # fmt: skip
     plan = hashlib.sha256(json.dumps(plan_doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -787,6 +825,7 @@ def prepare_store(
             row.update(
                 zip(fraction_columns, (float(v) for v in slots.fractions[slot][: len(rois)]), strict=True)
             )
+            row[PEAK] = float(slots.peaks[slot])
         rows.append(row)
     manifest = pd.DataFrame(
         {
@@ -803,6 +842,7 @@ def prepare_store(
             **{c: pd.array([r.get(c) for r in rows], dtype="Int8") for c in classes},
             **{c: _arrow_safe([r.get(c) for r in rows]) for c in metadata_columns},
             **{c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in fraction_columns},
+            PEAK: np.array([r.get(PEAK, math.nan) for r in rows], dtype=np.float64),
         }
     )
     write_table(out / MANIFEST, manifest)
@@ -824,9 +864,9 @@ def prepare_store(
     assert work_images is not None and work_images.dtype == dtype
     finals = [
         (work_images, out / IMAGES),
-        *((d, out / dist_file(k)) for d, k in zip(slots.dists, slots.keys, strict=True)),
+        *((d, out / mask_file(k)) for d, k in zip(slots.masks, slots.keys, strict=True)),
     ]
-    sources_paths = [out / WORK / IMAGES, *(out / WORK / dist_file(k) for k in slots.keys)]
+    sources_paths = [out / WORK / IMAGES, *(out / WORK / mask_file(k) for k in slots.keys)]
     if n < m:  # the kept slots are copied beside the provisional ones: check, then reserve, before mapping
         require_space(out, sum(_npy_bytes((n, *array.shape[1:]), array.dtype) for array, _ in finals),
                       what=_store_files(out, len(finals) - 1))
@@ -839,6 +879,10 @@ def prepare_store(
         reserve(target)
         for start in range(0, n, 256):
             final[start : start + 256] = array[kept_slots[start : start + 256]]
+            if start % 4096 == 0:
+                final.flush()
+                release(final)
+                release(array)
         final.flush()
         del final
     mean_intensity = float(np.mean(slots.means[kept_slots]))
@@ -881,7 +925,7 @@ class Store:
     image_size, channels, n : int
         S, C and the number of kept images.
     classes, rois, roi_keys, metadata_columns : list of str
-        ``roi_keys`` are the keys :meth:`distance` accepts (named ROIs, then unions).
+        ``roi_keys`` are the keys :meth:`masks` accepts (named ROIs, then unions).
     manifest : DataFrame
         Every input row, kept and rejected (see :func:`prepare_store`).
     kept : DataFrame
@@ -927,7 +971,7 @@ class Store:
             .to_numpy(dtype=np.float32, na_value=np.nan)
             .reshape(self.n, len(self.classes))
         )
-        self._distances: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
         #: (n,) bool: the kept images that have their masks (all, unless prepared with ``masks="optional"``)
         self.masked: np.ndarray = (
             self.kept["no_masks"].fillna("").eq("").to_numpy()
@@ -959,7 +1003,7 @@ class Store:
                 f"{root}: store version {meta.get('version')}, this maskaudit reads {STORE_VERSION}; "
                 "run `maskaudit prepare` again"
             )
-        needed = [MANIFEST, IMAGES, *(dist_file(k) for k in meta["roi_keys"])]
+        needed = [MANIFEST, IMAGES, *(mask_file(k) for k in meta["roi_keys"])]
         missing = [name for name in needed if not (root / name).is_file()]
         if missing:
             raise MaskauditError(
@@ -972,24 +1016,27 @@ class Store:
     def dtype(self) -> np.dtype:
         return self.images.dtype
 
-    def distance(self, roi_key: str) -> np.ndarray:
-        """Signed taxicab distance maps of a ROI key, a read-only (n, S, S) int16 memory map.
-
-        ``dist <= spread`` is the ROI after ``spread`` (see :mod:`maskaudit.masking`).
+    def packed_masks(self, roi_key: str) -> np.ndarray:
+        """The bit-packed masks of a ROI key: a read-only (n, S, ceil(S / 8)) uint8 memory map (the loader reads it).
 
         Raises
         ------
         MaskauditError
             For a key that was not prepared; the message lists the available ones.
         """
-        if roi_key not in self._distances:
+        if roi_key not in self._masks:
             if roi_key not in self.roi_keys:
                 raise MaskauditError(
                     f"ROI key {roi_key!r} is not in the prepared store {self.root}; available: "
                     f"{', '.join(self.roi_keys) or '(none)'} (a union must be listed when preparing)"
                 )
-            self._distances[roi_key] = np.load(self.root / dist_file(roi_key), mmap_mode="r")
-        return self._distances[roi_key]
+            self._masks[roi_key] = np.load(self.root / mask_file(roi_key), mmap_mode="r")
+        return self._masks[roi_key]
+
+    def masks(self, roi_key: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The masks of a ROI key at ``rows``, unpacked: (len(rows), S, S) bool."""
+        packed = np.asarray(self.packed_masks(roi_key)[rows])
+        return np.unpackbits(packed, axis=-1, count=self.image_size).astype(bool)
 
     def counts(self) -> pd.DataFrame:
         """Rows kept and rejected, per kind of reason: columns ``status``, ``reason``, ``count``
