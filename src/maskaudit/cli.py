@@ -227,6 +227,10 @@ def report(
         "--compare", metavar="RUN_A RUN_B",
         help="instead: put two runs' AUC matrices and verdicts side by side in OUT/compare.html "
              "(or OUT, when it ends in .html)")] = None,
+    model_card: Annotated[bool, typer.Option(
+        "--model-card", help="also write model_card.md and model_card.json: the verdicts and the numbers they "
+                             "rest on, worded for a model card's \"Bias, Risks, and Limitations\" and "
+                             "\"Evaluation\"")] = False,
 ) -> None:
     """Write the self-contained report.html (or, with --compare, compare.html of two runs)."""
     if compare:
@@ -236,8 +240,18 @@ def report(
         typer.echo(f"comparison: {compare_runs(compare[0], compare[1], out)}")
         return
     with _audit(out, config, check_files=False) as audit:  # the report reads the run directory alone
+        if model_card:
+            from maskaudit.model_card import require_verdicts, write_model_card
+            from maskaudit.tracking import track_run
+
+            require_verdicts(audit.run)  # before anything is written
         audit.report(force)
+        if model_card:
+            card, _ = write_model_card(audit.run)
+            track_run(audit)  # the card too, when `tracking` is set
     typer.echo(f"report: {audit.run.report}")
+    if model_card:
+        typer.echo(f"model card: {card} (and {card.with_suffix('.json').name})")
 
 
 @app.command()

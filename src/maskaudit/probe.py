@@ -25,7 +25,7 @@ Sources (``config.source``):
 - ``onnx``: an onnxruntime session (CUDA when the device is CUDA and onnxruntime has it, else CPU).
   Its forward pass goes through numpy, so it is **not differentiable**: gradient-based explainers
   (SHAP deep/gradient) need a python, TorchScript or torchxrayvision model; the partition explainer
-  works, as it only calls the model.
+  works, as it only calls the model; nor can it be adapted to a masking (``adapt``, :mod:`maskaudit.adapt`).
 - ``torchxrayvision``: ``xrv.models.get_model(weights)`` (downloaded into xrv's cache), or with
   ``pretrained: false`` the same architecture untrained, without download (for tests).
 

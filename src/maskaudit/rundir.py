@@ -242,5 +242,15 @@ class RunDir:
         return self.root / "report.html"
 
     @property
+    def model_card(self) -> tuple[Path, Path]:
+        """``model_card.md`` and ``model_card.json`` (:mod:`maskaudit.model_card`)."""
+        return self.root / "model_card.md", self.root / "model_card.json"
+
+    @property
+    def mlflow(self) -> Path:
+        """The default MLflow store: ``mlflow.db`` and ``artifacts/`` (:mod:`maskaudit.tracking`)."""
+        return self.root / "mlflow"
+
+    @property
     def log(self) -> Path:
         return self.root / "logs" / "maskaudit.log"

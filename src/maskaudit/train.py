@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from maskaudit.augment import augment_batch
-from maskaudit.config import AuditConfig
+from maskaudit.config import AuditConfig, TrainConfig
 from maskaudit.data.splits import Splits
 from maskaudit.data.store import Store
 from maskaudit.loader import batches, resolve_device
@@ -96,11 +96,11 @@ class JobState:
 
 
 def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: str, spec: MaskSpec, config: AuditConfig,
-              device: torch.device, loss_fn: nn.Module) -> tuple[float, np.ndarray, np.ndarray]:
+              device: torch.device, loss_fn: nn.Module, amp: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss, probabilities and labels of ``indices`` under ``strategy`` (no augmentation)."""
     model.eval()
     total, probs, labels = 0.0, [], []
-    with torch.no_grad(), _autocast(device, config):
+    with torch.no_grad(), _autocast(device, amp):
         for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             logits = model(batch.masked(strategy, spec)).float()
@@ -111,17 +111,23 @@ def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: st
     return total / n_values, np.concatenate(probs), np.concatenate(labels)
 
 
-def _autocast(device: torch.device, config: AuditConfig) -> torch.autocast:
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                          enabled=config.train.amp and device.type == "cuda")
+                          enabled=amp and device.type == "cuda")
 
 
 def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec, strategy: str, fold: int,
-              job_dir: Path, fingerprint: str) -> dict:
+              job_dir: Path, fingerprint: str, *, start: nn.Module | None = None, settings: TrainConfig | None = None,
+              masking: str | None = None) -> dict:
     """Train the model of (``strategy``, ``fold``) into ``job_dir``; returns the job summary.
 
     Files: ``model.pt`` (best weights), ``history.csv`` (per epoch: losses, per-class AUC),
     ``tb/`` (TensorBoard), ``job.json`` (written last: the summary and ``fingerprint``).
+
+    The probe's adapted jobs (:mod:`maskaudit.adapt`) give three more: ``start``, the model to train instead of
+    ``config.model``'s (its weights are where training starts, its ``requires_grad`` says what is trained; it takes
+    [0, 1] images and returns logits); ``settings``, the training settings instead of ``config.train``; ``masking``,
+    the strategy the images are masked with when the job's name ``strategy`` is not one (``m+only_roi``).
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -131,14 +137,16 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
     train_idx, val_idx = splits.train(fold), splits.val(fold)
     job_seed = derive_seed(config.seed, "train", strategy, fold)
     torch.manual_seed(job_seed)
-    model = build_model(config.model, n_classes=len(classes), in_channels=store.channels).to(device)
+    t = settings if settings is not None else config.train
+    masking = masking or strategy
+    model = (start if start is not None else
+             build_model(config.model, n_classes=len(classes), in_channels=store.channels)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.train.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
+    optimizer = torch.optim.Adam(params, lr=t.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda")
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
-    t = config.train
     stopper = EarlyStopping(t.patience, t.min_delta, higher=t.monitor == "val_auc", min_epochs=t.min_epochs)
     state = JobState()
 
@@ -153,21 +161,21 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
             log.info("%s fold %d: resuming after epoch %d", strategy, fold, state.epoch)
     writer = SummaryWriter(str(job_dir / "tb"), purge_step=state.epoch)
     shown = active()
-    shown.steps(config.train.epochs, "epochs", done=state.epoch, exact=False)  # early stopping may end it sooner
+    shown.steps(t.epochs, "epochs", done=state.epoch, exact=False)  # early stopping may end it sooner
 
-    for epoch in range(state.epoch, config.train.epochs):
+    for epoch in range(state.epoch, t.epochs):
         if stopper.stop:
             break
         model.train()
         shuffle = torch_generator(config.seed, "shuffle", strategy, fold, epoch)
         augment = torch_generator(config.seed, "augment", strategy, fold, epoch)
         train_loss, seen = 0.0, 0
-        for batch in batches(store, train_idx, spec, config.train.batch_size, device,
+        for batch in batches(store, train_idx, spec, t.batch_size, device,
                              generator=shuffle, num_workers=config.train.num_workers):
-            x = augment_batch(batch.masked(strategy, spec), config.train.augment, augment)
+            x = augment_batch(batch.masked(masking, spec), t.augment, augment)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, config):
+            with _autocast(device, t.amp):
                 loss = loss_fn(model(x).float(), batch.labels).mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -175,7 +183,7 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
             scaler.update()
             train_loss += float(loss.detach()) * len(batch.index)
             seen += len(batch.index)
-        val_loss, probs, labels = _evaluate(model, store, val_idx, strategy, spec, config, device, loss_fn)
+        val_loss, probs, labels = _evaluate(model, store, val_idx, masking, spec, config, device, loss_fn, t.amp)
         row = {"epoch": epoch, "train_loss": train_loss / max(seen, 1), "val_loss": val_loss}
         for k, name in enumerate(classes):
             row[f"val_auc_{name}"] = class_auc(labels[:, k], probs[:, k])[0]
@@ -203,7 +211,7 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
             standing = (f"best {named}{stopper.best:.4f} at epoch {stopper.best_epoch + 1}; {stopper.counter}/"
                         f"{stopper.patience} epochs without an improvement of more than {stopper.min_delta:g}")
         log.info("%s fold %d epoch %d/%d: train loss %.4f, val loss %.4f (%s)", strategy, fold, epoch + 1,
-                 config.train.epochs, row["train_loss"], val_loss, standing, extra=DETAIL)
+                 t.epochs, row["train_loss"], val_loss, standing, extra=DETAIL)
         shown.step(note=f"improved: val {named}{stopper.best:.4f}" if improved else
                    f"best val {named}{stopper.best:.4f} (epoch {stopper.best_epoch + 1})")
     writer.close()
