@@ -1,7 +1,10 @@
-"""The Ray executor runs the same job functions as the local one, with the same results."""
+"""The Ray executor runs the same job functions as the local one, with the same results; its settings are checked
+early and its failures are one line. (A real two-node cluster: ``test_ray_cluster.py``.)"""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +14,9 @@ from test_pipeline import TINY
 from typer.testing import CliRunner
 
 from maskaudit.cli import app
+from maskaudit.config import RayConfig, config_from_dict, load_config
+from maskaudit.errors import MaskauditError
+from maskaudit.executors import RayExecutor, head_endpoint, init_address
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install maskaudit[ray]`")
 
@@ -21,7 +27,8 @@ def test_ray_grid_equals_local_grid(tmp_path: Path):
     results = {}
     for executor in ("local", "ray"):
         path = tmp_path / f"{executor}.yaml"
-        path.write_text(yaml.safe_dump({**config, "executor": executor}))
+        # ray.address local: a Ray of its own in this process, never another one running on this machine
+        path.write_text(yaml.safe_dump({**config, "executor": executor, "ray": {"address": "local"}}))
         out = tmp_path / executor
         result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
         assert result.exit_code == 0, result.output + repr(result.exception)
@@ -32,3 +39,58 @@ def test_ray_grid_equals_local_grid(tmp_path: Path):
     pd.testing.assert_frame_equal(local[keys], remote[keys])
     # Ray workers may run torch with another thread count: equal up to float summation order
     assert (local["probability"] - remote["probability"]).abs().max() < 1e-3
+
+
+def test_ray_settings_are_checked_when_the_config_is_read():
+    ok = config_from_dict({**TINY, "ray": {"address": "head-node", "num_gpus": 0.25, "num_cpus": 2}}).ray
+    assert (ok.address, ok.num_gpus, ok.num_cpus, ok.max_retries) == ("head-node", 0.25, 2, 2)
+    for ray_section, words in (({"address": "http://head:8265"}, "ray.address: 'http://head:8265' is not a Ray "
+                                                                 "cluster's address (http:// is, for example, the "
+                                                                 "dashboard's"),
+                               ({"address": "head:"}, "expected host:port of the head (port 6379 by default)"),
+                               ({"num_gpus": 1.5}, "ray.num_gpus: 1.5: above 1, Ray reserves whole devices only"),
+                               ({"num_cpus": 0}, "ray.num_cpus: Input should be greater than 0"),
+                               ({"max_retries": -1}, "ray.max_retries: Input should be greater than or equal to 0")):
+        with pytest.raises(MaskauditError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            config_from_dict({**TINY, "ray": ray_section})
+
+
+def test_a_ray_address_gets_ray_s_default_ports():
+    assert head_endpoint("head") == ("head", 6379) and head_endpoint("ray://head") == ("head", 10001)
+    assert head_endpoint("[fd00::1]:7000") == ("fd00::1", 7000) and head_endpoint("auto") is None
+    assert [init_address(a) for a in ("head", "ray://10.0.0.5", "10.0.0.5:7000", "auto", None)] == \
+        ["head:6379", "ray://10.0.0.5:10001", "10.0.0.5:7000", "auto", None]
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_naming_it():
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    address = f"127.0.0.1:{port}"
+    with pytest.raises(MaskauditError) as caught:
+        RayExecutor(RayConfig(address=address))
+    text = str(caught.value)
+    assert text.startswith(f"ray.address {address!r}: nothing answers at 127.0.0.1:{port} (") and "\n" not in text
+    assert f"ray start --head --port={port}" in text and not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_failed_ray_job_is_one_line(tmp_path: Path):
+    if ray.is_initialized():
+        ray.shutdown()
+    executor = RayExecutor(RayConfig(address="local", max_retries=0))
+    try:
+        # the job's own MaskauditError, as the job raised it (not Ray's wrapper with the worker's traceback)
+        with pytest.raises(MaskauditError, match=f"^config file not found: {tmp_path / 'none.yaml'}$"):
+            executor.map(load_config, [(tmp_path / "none.yaml",)], name="train")
+        # a worker that dies past ray.max_retries: one line naming the job, Ray's error and where to look
+        with pytest.raises(MaskauditError) as caught:
+            executor.map(os._exit, [(3,)], name="train")  # os._exit(3) ends the worker process at once
+        text = str(caught.value)
+        assert text.startswith("job 3 failed on Ray after 1 attempt (ray.max_retries=0): "
+                               "WorkerCrashedError: ") and "\n" not in text, text
+        assert executor.map(divmod, [(7, 2)], name="predict") == [(3, 1)] and executor.placements[0]["attempt"] == 0
+    finally:
+        ray.shutdown()

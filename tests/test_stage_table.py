@@ -27,11 +27,15 @@ from maskaudit.stages import EXECUTION_KEYS, ConfigView, UndeclaredRead
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline import TINY  # noqa: E402
 
-FULL = {**TINY, "analyses": {"run": ["baseline", "explain", "embed", "sweep", "reader", "verdict"]},
+FULL = {**TINY, "analyses": {"run": ["baseline", "explain", "embed", "sweep", "reader", "localize", "verdict"]},
         "test_strategies": ["full", "no_roi", "only_roi"],
         "external": [{"name": "other", "data": {"source": "synthetic", "n_patients": 8}}]}
 PROBE = {**{k: v for k, v in TINY.items() if k not in ("model", "train")},
          "model": {"source": "torchxrayvision", "weights": "densenet121-res224-all", "pretrained": False}}
+#: A probe with light cross-masking (issue 17): its adapted models' jobs and the adapt stage.
+PROBE_ADAPT = {**PROBE, "strategies": ["full", "no_roi", "only_roi", "roi_shape"],
+               "test_strategies": ["full", "no_roi", "only_roi", "roi_shape"],
+               "adapt": {"strategies": ["only_roi", "no_roi", "roi_shape"]}}
 
 
 def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
@@ -117,7 +121,7 @@ def _stage_fingerprints(audit) -> dict[str, str]:
     return {stage: audit.fingerprint(stage) for stage in audit.FLOW}
 
 
-@pytest.mark.parametrize("raw", [FULL, PROBE], ids=["audit", "probe"])
+@pytest.mark.parametrize("raw", [FULL, PROBE, PROBE_ADAPT], ids=["audit", "probe", "probe-adapt"])
 def test_every_key_changes_exactly_the_stages_that_declare_it(raw, tmp_path: Path):
     base = config_from_dict(raw, check_files=False)
     kind = audit_class(base)
@@ -155,7 +159,10 @@ def test_every_key_changes_exactly_the_stages_that_declare_it(raw, tmp_path: Pat
 
 NOT_WALKED = {"data.source", "data.metadata", "predict.images", "external", "models", "external[0].data.source",
               "external[0].data.metadata", "models[0].source", "models[0].arguments", "models[0].input.channels",
-              "models[0].input.mean", "models[0].input.std", "models[0].output.aliases"}
+              "models[0].input.mean", "models[0].input.std", "models[0].output.aliases",
+              "data.classes.opacity.anchors", "data.classes.device.anchors",  # None, or names a walk cannot pick
+              "external[0].data.classes.opacity.anchors", "external[0].data.classes.device.anchors",
+              "adapt.strategies"}  # empty (no adaptation) outside PROBE_ADAPT: no masking a list of one could add
 
 
 def test_a_stage_reading_an_undeclared_key_is_an_error():

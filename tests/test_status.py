@@ -25,7 +25,7 @@ from maskaudit.runstatus import format_status, run_status, show_status
 
 CONFIG = {**TINY, "strategies": ["full", "no_roi"]}  # 2 strategies x 2 folds = 4 jobs of 2 epochs
 JOBS = [("full", 0), ("full", 1), ("no_roi", 0), ("no_roi", 1)]
-ANALYSES = ["baseline", "explain", "embed", "sweep", "reader", "verdict"]
+ANALYSES = ["baseline", "explain", "embed", "sweep", "reader", "localize", "verdict"]
 
 
 def _cli(*args: str) -> None:

@@ -12,6 +12,7 @@ import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
@@ -59,6 +60,9 @@ def _no_clash(classes: list[str], metadata: list[str]) -> None:
 
 
 SignalPlace = Literal["roi", "outside", "global", "shape", "none"]
+#: Where an ``outside`` marker may go (:mod:`maskaudit.data.sources.synthetic`): a corner, or (``cxr`` only) the top or
+#: bottom centre of the image.
+MarkerAnchor = Literal["top_left", "top_right", "bottom_left", "bottom_right", "top", "bottom"]
 
 
 class SyntheticClass(Strict):
@@ -67,6 +71,18 @@ class SyntheticClass(Strict):
     signal: SignalPlace = "roi"
     strength: float = Field(1.0, ge=0.0, le=1.0, description="contrast of the planted signal, 0 = invisible")
     prevalence: float = Field(0.4, gt=0.0, lt=1.0)
+    anchors: list[MarkerAnchor] | None = Field(
+        None, min_length=1, description="outside only: the places its marker may go, one drawn per image; default "
+                                        "every corner (cxr: also the top and bottom centre)")
+
+    @model_validator(mode="after")
+    def _anchors_for_markers(self) -> SyntheticClass:
+        if self.anchors is not None:
+            if self.signal != "outside":
+                raise ValueError(f"anchors place an outside marker; this class's signal is {self.signal!r}")
+            if len(set(self.anchors)) != len(self.anchors):
+                raise ValueError(f"anchors repeat a place: {self.anchors}")
+        return self
 
 
 class SyntheticMetadata(Strict):
@@ -91,9 +107,17 @@ class SyntheticData(Strict):
     metadata: dict[Literal["sex", "age", "projection", "camera"], SyntheticMetadata] = Field(
         default_factory=dict
     )
+    saturate: bool = Field(True, description="every image holds a saturated, label-independent structure (cxr: the "
+                                             "spine; fundus: the disc's red), so per-image max scaling cannot spread "
+                                             "a local signal; false: a bright marker sets its image's maximum")
 
     @model_validator(mode="after")
     def _metadata_targets_exist(self) -> SyntheticData:
+        for name, cls in self.classes.items():
+            centred = [a for a in cls.anchors or [] if a in ("top", "bottom")]
+            if self.kind == "fundus" and centred:
+                raise ValueError(f"classes.{name}.anchors: {', '.join(centred)} is not a place for a fundus marker "
+                                 "(they go in the black corners only: top_left, top_right, bottom_left, bottom_right)")
         for name, meta in self.metadata.items():
             if meta.correlates_with is not None and meta.correlates_with not in self.classes:
                 raise ValueError(
@@ -404,6 +428,63 @@ class ProbedModelConfig(Strict):
         return self
 
 
+# -------------------------------------------------------------------------------- probe: adapt (issue 17)
+
+
+class ShapeControl(Strict):
+    """The probe's ``roi_shape`` control: a small CNN trained from scratch on the ROI masks alone."""
+
+    size: int = Field(64, ge=32, description="the masks are resized (area) to this many pixels first: cheap")
+    epochs: int = Field(12, ge=1)
+    lr: float = Field(0.002, gt=0)
+    patience: int = Field(4, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class AdaptConfig(Strict):
+    """Light cross-masking (``maskaudit probe``): each probed model fine-tuned on masked images, one job per
+    (strategy, fold) of the run's patient-grouped folds, then scored on every masking (README, "Audit your own
+    model"). ``roi_shape`` is the shape control instead: a small CNN trained from scratch on the masks alone."""
+
+    strategies: list[Strategy] = Field(default_factory=list, description="the maskings a copy of each probed "
+                                       "model is fine-tuned on (roi_shape: the shape control); each must be a test "
+                                       "masking; none (the default): no adaptation")
+    layers: Literal["head", "last_block", "all"] = Field(
+        "last_block", description="what is trained: the final layer, the last block and what follows it, or all "
+                                  "(maskaudit.adapt)")
+    epochs: int = Field(4, ge=1, description="at most this many epochs per job (early stopping on the val loss)")
+    lr: float = Field(1e-4, gt=0)
+    patience: int = Field(2, ge=1)
+    min_delta: float = Field(0.001, ge=0)
+    batch_size: int = Field(16, ge=1)
+    augment: AugmentConfig = NO_AUGMENT
+    amp: bool = Field(False, description="mixed precision on CUDA")
+    folds: int | None = Field(None, ge=1, description="adapt on the first this many folds (default every fold); "
+                                                     "fewer is cheaper")
+    shape: ShapeControl = ShapeControl()
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, value: Any) -> Any:
+        return {True: AugmentConfig(), False: NO_AUGMENT}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("strategies")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"strategies repeat a name: {value}")
+        return value
+
+    @field_validator("strategies")
+    @classmethod
+    def _not_full(cls, value: list[str]) -> list[str]:
+        if "full" in value:
+            raise ValueError("full is the probed model itself (trained on full images): list maskings only")
+        return value
+
+# -------------------------------------------------------------------------------- end of probe: adapt
+
+
 class ReportConfig(Strict):
     title: str = "maskaudit report"
     formats: list[Literal["png", "svg", "pdf"]] = Field(
@@ -497,6 +578,30 @@ class VerdictConfig(Strict):
     evidence: EvidenceConfig = EvidenceConfig()
 
 
+class LocalizeConfig(Strict):
+    """Where in the image a class's evidence lies (:mod:`maskaudit.analyses.localize`): an occlusion grid on the
+    hold-out images of the model that shows the evidence, each cell's AUC drop tested (DeLong) and corrected."""
+
+    where: list[Literal["outside", "inside"]] = Field(
+        default_factory=lambda: ["outside"], description="whose evidence is localised, for each class that shows "
+                                                         "signal there: outside the ROI, inside it (an empty list: "
+                                                         "none)")
+    grid: int = Field(8, ge=2, le=64, description="the image is cut into grid x grid cells, each hidden in turn")
+    folds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="whose fold's models; default every fold (their mean)")
+    correction: Literal["holm", "bh"] = Field(
+        "holm", description="multiple-testing correction over a class's cells: holm (family-wise error) or bh "
+                            "(Benjamini-Hochberg, false discovery rate)")
+    top: int = Field(5, ge=1, description="cells per class in the report's table")
+
+    @field_validator("where", "folds")
+    @classmethod
+    def _distinct(cls, value: list | None) -> list | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"repeats a value: {value}")
+        return value
+
+
 def _known_analysis(name: str) -> str:
     """``name`` when it is an analysis (a section of :class:`AnalysesConfig`), worded as pydantic words a Literal."""
     if name not in ANALYSES:
@@ -516,6 +621,7 @@ class AnalysesConfig(Strict):
     embed: EmbedConfig = EmbedConfig()
     sweep: SweepConfig = SweepConfig()
     reader: ReaderConfig = ReaderConfig()
+    localize: LocalizeConfig = LocalizeConfig()
     verdict: VerdictConfig = VerdictConfig()
 
 
@@ -525,6 +631,99 @@ ANALYSES = tuple(name for name, field in AnalysesConfig.model_fields.items()
                  if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
 #: Every stage of an audit, in order (:mod:`maskaudit.pipeline` runs them; ``maskaudit status`` reads them).
 STAGES = ("prepare", "split", "train", "predict", "metrics", *ANALYSES, "report")
+
+
+# ------------------------------------------------------------------------------------------ tracking
+
+
+class MlflowTracking(Strict):
+    """Where an audit is logged in MLflow (:mod:`maskaudit.tracking`): a tracking URI and an experiment.
+
+    ``tracking: {mlflow: URI}`` is the short spelling of ``tracking: {mlflow: {uri: URI}}``.
+    """
+
+    uri: str | None = Field(None, min_length=1, description="an MLflow tracking URI: a server (http://host:5000), a "
+                                                            "database (sqlite:////abs/mlflow.db, postgresql://...); "
+                                                            "default sqlite:///RUN/mlflow/mlflow.db, in the run "
+                                                            "directory, with the artifacts beside it")
+    experiment: str = Field("maskaudit", min_length=1, description="the MLflow experiment the runs are logged in")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri_alone(cls, raw: Any) -> Any:
+        return {"uri": raw} if isinstance(raw, str) else raw
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, uri: str | None) -> str | None:
+        """config.yaml, the report and the log show the URI: a password in it would be shown too."""
+        if uri is not None and urlparse(uri).password:
+            raise ValueError("the URI holds a password, which config.yaml and report.html would show: give it "
+                             "through MLflow's environment (MLFLOW_TRACKING_PASSWORD) or the database's own "
+                             "(PGPASSWORD, ~/.pgpass) instead")
+        return uri
+
+
+class TrackingConfig(Strict):
+    """Experiment tracking, off unless a backend is given. It says how a run is watched, never what it makes: no
+    stage reads it into a fingerprint (:data:`maskaudit.stages.EXECUTION_KEYS`), so a run with and without it reuses
+    the same outputs."""
+
+    mlflow: MlflowTracking | None = Field(None, description="log each training job (parameters, per-epoch curves, "
+                                                            "best metrics) and the run's AUC matrices, verdicts and "
+                                                            "report to MLflow; `{}` for the default store")
+
+
+# ----------------------------------------------------------------------------------------------- ray
+
+#: ``ray.address`` as written: ``auto`` or ``local`` (Ray's words), ``ray://host[:port]`` (Ray Client) or
+#: ``host[:port]`` (the head's GCS); a host is a name or an IPv4 address, or an IPv6 one in brackets.
+_RAY_ADDRESS = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+
+
+class RayConfig(Strict):
+    """Where ``executor: ray`` runs the jobs, and what each reserves there (:class:`maskaudit.executors.RayExecutor`).
+
+    How a run is executed, never what it makes: no fingerprint holds it (:data:`maskaudit.stages.EXECUTION_KEYS`), so
+    a grid trained on a laptop and finished on a cluster reuses every finished job. ``num_cpus`` and ``num_gpus`` are
+    Ray's task resources (https://docs.ray.io/en/latest/ray-core/scheduling/resources.html): logical, used to place
+    the jobs; a fraction below 1 packs several jobs on one device, a value above 1 is a whole number (Ray's rule).
+    """
+
+    address: str | None = Field(
+        None, description="the cluster: host:port of its head (Ray's GCS; a host alone means port 6379), "
+                          "ray://host:port (Ray Client; port 10001 by default), auto (the cluster `ray start` runs on "
+                          "this machine) or local (a new Ray in this process); default: RAY_ADDRESS, else the cluster "
+                          "`ray start` last began on this machine, else a new Ray in this process")
+    num_cpus: float = Field(1.0, gt=0, allow_inf_nan=False,
+                            description="CPUs each job reserves (Ray sets the job's OMP_NUM_THREADS to it, at least 1, "
+                                        "where the node's environment does not)")
+    num_gpus: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="GPUs each job reserves: a fraction shares one GPU (0.25: four jobs on it at once, e.g. batch-2 "
+                    "trainings, which leave a GPU nearly idle); default 1 on a cluster with GPUs, else 0")
+    max_retries: int = Field(2, ge=0, description="how many more times a job runs after its worker process or node "
+                                                  "died (it resumes after its last saved epoch); an error raised by "
+                                                  "the job itself is not retried")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        if address is None or address in ("auto", "local") or _RAY_ADDRESS.fullmatch(address):
+            return address
+        if "://" in address and not address.startswith("ray://"):
+            raise ValueError(f"{address!r} is not a Ray cluster's address ({address.split('://')[0]}:// is, for "
+                             "example, the dashboard's, which maskaudit does not use); expected host:port of the "
+                             "head (port 6379 by default), ray://host:10001, auto or local")
+        raise ValueError(f"{address!r} is not a Ray cluster's address; expected host:port of the head (port 6379 by "
+                         "default), ray://host:10001, auto or local")
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        if value is not None and value > 1 and not float(value).is_integer():
+            raise ValueError(f"{value:g}: above 1, Ray reserves whole devices only (a fraction must be at most 1)")
+        return value
 
 
 # --------------------------------------------------------------------------------------------- root
@@ -558,6 +757,13 @@ class DataChecks(Strict):
         return self
 
 
+class StoreConfig(Strict):
+    """How the prepared store keeps the images (:mod:`maskaudit.data.store`)."""
+
+    bits: Literal[8, 16] = Field(8, description="bits per stored pixel: 8 (the study fed 8-bit max-scaled images; "
+                                                "0.26 MB per 512-px image) or 16, kept for 16-bit sources")
+
+
 class AuditConfig(Strict):
     data: DataConfig
     image_size: int = Field(512, ge=16)
@@ -566,6 +772,10 @@ class AuditConfig(Strict):
     test_strategies: list[Strategy] | None = Field(None, description="default: the same as strategies")
     spread: int = Field(0, description="dilate (>0) or erode (<0) the ROI by this many 3x3-cross iterations")
     fill: Fill = "zero"
+    scale: Literal["before_masking", "after_masking"] = Field(
+        "before_masking", description="before_masking (the study): each image is divided by its own maximum before "
+        "it is masked, so a bright object outside the ROI lowers every pixel inside it; after_masking: each masked "
+        "image is divided by the maximum of the pixels it keeps, so nothing outside them can reach them")
     folds: int = Field(5, ge=2)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 1907
@@ -576,11 +786,16 @@ class AuditConfig(Strict):
     report: ReportConfig = ReportConfig()
     workers: int = Field(0, ge=0, description="processes for preparation; 0 = one per CPU core")
     data_checks: DataChecks = DataChecks()
+    store: StoreConfig = StoreConfig()
     executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = Field(RayConfig(), description="executor: ray only: the cluster and what each job reserves")
+    tracking: TrackingConfig = TrackingConfig()
     external: list[ExternalDataset] = Field(default_factory=list)
     models: list[ProbedModelConfig] = Field(
         default_factory=list, description="probe: classifiers trained elsewhere, scored as they are instead of "
                                           "training; `model: {source: ...}` is the one-model spelling")
+    adapt: AdaptConfig = Field(AdaptConfig(), description="probe: fine-tune each probed model on each of "
+                                                          "adapt.strategies (light cross-masking, maskaudit.adapt)")
 
     @model_validator(mode="before")
     @classmethod
@@ -629,7 +844,31 @@ class AuditConfig(Strict):
                 raise ValueError(f"{key}={folds}: folds are numbered 0..{self.folds - 1}")
         if self.predict.images == "all" and self.kind != "probe":
             raise ValueError("predict.images=all scores training images: only a probe (nothing trained) may")
+        self._check_adapt()
         return self
+
+    def _check_adapt(self) -> None:
+        """``adapt`` (issue 17): a probe's, on test maskings, on the hold-out, of models torch can train."""
+        adapt = self.adapt
+        if not adapt.strategies:
+            return
+        if self.kind != "probe":
+            raise ValueError("adapt fine-tunes probed models (`model: {source: ...}` / `models`); a full audit "
+                             "trains its own models on every masking: remove `adapt`")
+        missing = [s for s in adapt.strategies if s not in self.eval_strategies]
+        if missing:
+            raise ValueError(f"adapt.strategies {missing} are not test maskings ({', '.join(self.eval_strategies)}): "
+                             "an adapted model is scored on its own masking; add them to `strategies`")
+        if self.predict.images == "all":
+            raise ValueError("adapt trains on the run's training folds, so predict.images=all would score images "
+                             "the adapted models were trained on: use predict.images: test")
+        if adapt.folds is not None and adapt.folds > self.folds:
+            raise ValueError(f"adapt.folds={adapt.folds}, but the run has folds={self.folds}")
+        for m in self.models:
+            if m.source == "onnx":
+                raise ValueError(f"model {m.name!r}: source onnx cannot be adapted (onnxruntime runs it outside "
+                                 "torch, so it has no gradients); remove `adapt`, or give the model as python "
+                                 "or torchscript")
 
     @property
     def kind(self) -> Literal["audit", "probe"]:

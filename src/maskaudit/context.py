@@ -127,7 +127,7 @@ class Context:
     def masking(self) -> MaskSpec:
         """How the run's images are masked (the config's roi, spread, fill; the store's mean)."""
         c = self.config
-        return mask_spec(self.store, c.roi, c.spread, c.fill, c.seed)
+        return mask_spec(self.store, c.roi, c.spread, c.fill, c.seed, scale=c.scale)
 
     def external_sets(self) -> dict[str, tuple[MaskSpec, Store]]:
         """Each external dataset's masking (its ROI where its masks have it, else none) and prepared store."""
@@ -136,7 +136,7 @@ class Context:
             store = Store.open(self.run.external(name))
             usable = roi if roi and all(p in store.rois for p in roi.split("+")) else None
             spec = mask_spec(store, usable, self.config.spread, self.config.fill, self.config.seed, name,
-                             required=False)
+                             required=False, scale=self.config.scale)
             out[name] = (spec, store)
         return out
 

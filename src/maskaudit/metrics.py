@@ -152,11 +152,12 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
     From the job's ``history.csv`` (each epoch's validation AUC of each class and its DeLong variance, recorded by
     :func:`maskaudit.train.train_job`) and ``job.json`` (the epoch whose weights were kept). An epoch *shows* the class
     when its validation AUC's CI lower bound (at ``level``, the plain normal interval of
-    :func:`maskaudit.stats.auc_ci`) is above 0.5. ``learnt``: some epoch showed it (``best_ci_low``, the highest
-    lower bound of any epoch, above 0.5; ``first_learnt_epoch`` the first such epoch); ``kept_learnt``: the kept
-    epoch shows it (1.0 or 0.0). Taking the best of many epochs favours ``learnt`` a little (several looks at the same
-    validation images); it errs towards not flagging. Both are NaN (unknown) for a history without variances
-    (a run from before they were recorded); a job without a history (a probe's models) has no row.
+    :func:`maskaudit.stats.auc_ci`) is above 0.5. ``kept_learnt``: the kept epoch shows it (1.0 or 0.0).
+    ``learnt``: some epoch shows it at the level Bonferroni-corrected for the epochs looked at (``1 - (1 - level) /
+    epochs``: the best of many epochs on the same validation images would otherwise often clear 0.5 by chance on a
+    small validation set); ``best_ci_low`` is the highest such corrected lower bound, ``first_learnt_epoch`` the
+    first epoch above 0.5 (-1: none). Both are NaN (unknown) for a history without variances (a run from before
+    they were recorded); a job without a history (a probe's models) has no row.
     """
     z = z_critical(level)
     rows = []
@@ -172,10 +173,11 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
             if auc is None:
                 continue
             variance = pd.to_numeric(history.get(f"val_auc_variance_{name}", np.nan), errors="coerce")
-            half = z * np.sqrt(np.asarray(variance, dtype=float)) * np.ones(len(history))
-            low, high = np.clip(auc - half, 0, 1), np.clip(auc + half, 0, 1)
+            sd = np.sqrt(np.asarray(variance, dtype=float)) * np.ones(len(history))
+            low, high = np.clip(auc - z * sd, 0, 1), np.clip(auc + z * sd, 0, 1)
+            corrected = np.clip(auc - z_critical(1 - (1 - level) / len(history)) * sd, 0, 1)
             known = np.isfinite(low)
-            shows = known & (low > 0.5)
+            shows = known & (corrected > 0.5)
             at = kept_row.index[0] if len(kept_row) else None
             best = int(auc.idxmax()) if auc.notna().any() else None
             rows.append({
@@ -187,9 +189,9 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
                 "kept_ci_high": float(high[at]) if at is not None else np.nan,
                 "best_auc": float(auc[best]) if best is not None else np.nan,
                 "best_epoch": int(history["epoch"][best]) if best is not None else -1,
-                "best_ci_low": float(np.nanmax(low)) if known.any() else np.nan,
+                "best_ci_low": float(np.nanmax(corrected)) if known.any() else np.nan,
                 "first_learnt_epoch": int(history["epoch"][np.flatnonzero(shows)[0]]) if shows.any() else -1,
                 "learnt": float(shows.any()) if known.any() else np.nan,
-                "kept_learnt": float(shows[at]) if at is not None and known[at] else np.nan,
+                "kept_learnt": float(low[at] > 0.5) if at is not None and known[at] else np.nan,
             })
     return pd.DataFrame(rows, columns=TRAINING_COLUMNS)

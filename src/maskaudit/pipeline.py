@@ -35,7 +35,7 @@ from maskaudit.context import Context, Plan
 from maskaudit.data.check import check_store, write_check
 from maskaudit.data.sources import make_source
 from maskaudit.data.splits import Splits, make_splits, save_splits, split_count_table
-from maskaudit.data.store import Store, count_table, prepare_store
+from maskaudit.data.store import STORE_VERSION, Store, count_table, prepare_store
 from maskaudit.errors import MaskauditError, disk_error
 from maskaudit.executors import make_executor
 from maskaudit.lock import python_command, run_lock
@@ -47,19 +47,20 @@ from maskaudit.report.html import ReportView, report_inputs, write_report
 from maskaudit.rundir import RunDir, read_json, write_json, write_table, write_text
 from maskaudit.stages import ConfigView, Fingerprints, Stage
 from maskaudit.strategies import evidence_cells
+from maskaudit.tracking import track_job, track_run
 from maskaudit.train import job_finished, train_job
 
 log = logging.getLogger(__name__)
 
 #: The masking keys every model part reads (:class:`maskaudit.strategies.MaskSpec`).
-MASKING = ("roi", "spread", "fill", "seed")
+MASKING = ("roi", "spread", "fill", "scale", "seed")
 
 #: The full audit's stages and per-model parts (``job``): the keys each reads, the parts it follows; each
 #: analysis brings its own rows (:meth:`maskaudit.analyses.run.Analysis.stages`).
 TABLE: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("store", reads=("data", "image_size", "data_checks.duplicate_images")),
-    Stage("prepare", reads=("data", "image_size", "roi", "external", "data_checks", "seed", "folds", "test_fraction",
-                            "strategies", "test_strategies")),
+    Stage("store", reads=("data", "image_size", "data_checks.duplicate_images", "store")),
+    Stage("prepare", reads=("data", "image_size", "roi", "external", "data_checks", "store", "seed", "folds",
+                            "test_fraction", "strategies", "test_strategies")),
     Stage("split", reads=("folds", "test_fraction", "seed"), after=("prepare",)),
     Stage("model", reads=("model", "train", *MASKING), after=("split",), job=True),
     Stage("train", reads=("strategies",), jobs="model"),
@@ -215,7 +216,7 @@ class Audit:
         data, roi = self.config.dataset(dataset)
         files = (str(self.config.seed) if data.source == "synthetic" else
                  {key: _file_stamp(value) for key, value in data if isinstance(value, Path) and value.is_file()})
-        return [data.model_dump(mode="json"), union_keys(roi), files]
+        return [data.model_dump(mode="json"), union_keys(roi), files, STORE_VERSION]  # a new format: prepare again
 
     def _external_inputs(self) -> object:
         """Each external dataset's store and ROI: a changed one redoes every model's predictions."""
@@ -287,7 +288,7 @@ class Audit:
             external = dataset != MAIN  # scored, never trained on: images without masks are scored under full
             store = prepare_store(source, where, config.image_size, roi_keys=unions, workers=config.workers,
                                   masks="optional" if external else "required",
-                                  duplicate_images=config.data_checks.duplicate_images)
+                                  duplicate_images=config.data_checks.duplicate_images, bits=config.store.bits)
             check = check_store(store, config, dataset, external=external)  # as `maskaudit check` says
             for text in check.warnings:
                 log.warning("prepare: %s", text)
@@ -402,6 +403,7 @@ class Audit:
         stale = self._records().get("report", {}).get("inputs") != inputs
         self._stage("report", lambda: {**write_report(self.run, self.report_view()), "inputs": inputs},
                     force or stale)
+        track_run(self)  # MLflow, when `tracking` is set: the jobs not logged yet, the run's results; never raises
 
     def run_all(self) -> Path:
         """Every stage of :attr:`FLOW` in order, under the run directory's writer lock (:mod:`maskaudit.lock`;
@@ -421,7 +423,9 @@ class Audit:
         """One job of part ``part``: train a model, predict with it, or one model's share of an analysis."""
         ctx = self.context(part)
         if part == "model":
-            return self.make_model(ctx, strategy, fold)
+            summary = self.make_model(ctx, strategy, fold)
+            track_job(self, strategy, fold)  # MLflow, when `tracking` is set: the finished job's folder; never raises
+            return summary
         if part == "predictions":
             return ctx.write_job_output(strategy, fold, "predictions", predict_job(ctx, strategy, fold))
         return JOB_WORK[part](ctx, strategy, fold)

@@ -52,12 +52,13 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "predict": ("train", "split"),
     "metrics": ("predict",),
     **{name: ("predict", "metrics") for name in ANALYSES if name != "verdict"},
-    "verdict": ("metrics", "baseline", "explain"),
+    "verdict": ("metrics", "baseline", "explain", "localize"),
     "report": ("metrics", *ANALYSES),
 }
 
 #: Per-job outputs of the stages that run one job per model.
-JOB_OUTPUTS = {"predict": "predictions.json", "explain": "explain.json", "sweep": "sweep.json"}
+JOB_OUTPUTS = {"predict": "predictions.json", "explain": "explain.json", "sweep": "sweep.json",
+               "localize": "localize.json"}
 
 #: A job whose files changed within this many seconds (or three epoch times, if longer) is called running.
 RUNNING_WITHIN = 600.0

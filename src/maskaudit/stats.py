@@ -554,3 +554,88 @@ def mean_difference_test(sets_a: list[pd.DataFrame], sets_b: list[pd.DataFrame])
     ka = len(sets_a)
     values = wide.to_numpy(dtype=float).T
     return mean_difference(labels, values[:ka], values[ka:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multiple testing: adjusted p-values over a family of tests
+
+
+def _p_values(p_values) -> tuple[np.ndarray, np.ndarray]:
+    """``p_values`` as a float array and the mask of its defined (non-NaN) entries; refuses values outside [0, 1]."""
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1:
+        raise ValueError(f"expected p-values of shape (n_tests,); got {p.shape}")
+    known = ~np.isnan(p)
+    if ((p[known] < 0) | (p[known] > 1)).any():
+        raise ValueError(f"p-values must lie in [0, 1]; got {p[known][(p[known] < 0) | (p[known] > 1)].tolist()}")
+    return p, known
+
+
+def holm(p_values) -> np.ndarray:
+    r"""Holm's step-down adjusted p-values (family-wise error rate, any dependence between the tests).
+
+    With the ``m`` defined p-values sorted, :math:`p_{(1)} \le \dots \le p_{(m)}`, the adjusted value of the
+    ``i``-th is :math:`\max_{j \le i} \min(1, (m - j + 1)\, p_{(j)})`; rejecting where it is below ``alpha``
+    keeps the chance of any false rejection at most ``alpha`` (Holm 1979), whatever the tests' dependence.
+
+    Parameters
+    ----------
+    p_values : array-like of shape (n_tests,)
+        In [0, 1]; NaN (an undefined test) stays NaN and does not count in ``m``.
+
+    Returns
+    -------
+    ndarray of shape (n_tests,)
+        The adjusted p-values, in the input order.
+
+    Examples
+    --------
+    >>> holm([0.01, 0.04, 0.03, 0.005]).round(6).tolist()
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    p, known = _p_values(p_values)
+    out = np.full(p.shape, np.nan)
+    values = p[known]
+    m = values.size
+    if m:
+        order = np.argsort(values, kind="mergesort")
+        scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
+        adjusted = np.empty(m)
+        adjusted[order] = np.maximum.accumulate(scaled)
+        out[known] = adjusted
+    return out
+
+
+def benjamini_hochberg(p_values) -> np.ndarray:
+    r"""Benjamini–Hochberg adjusted p-values (false discovery rate; valid for independent or positively dependent
+    tests).
+
+    With the ``m`` defined p-values sorted, the adjusted value of the ``i``-th is
+    :math:`\min_{j \ge i} \min(1, m\, p_{(j)} / j)`; rejecting where it is below ``alpha`` keeps the expected
+    share of false rejections among the rejections at most ``alpha`` (Benjamini & Hochberg 1995).
+
+    Parameters
+    ----------
+    p_values : array-like of shape (n_tests,)
+        In [0, 1]; NaN stays NaN and does not count in ``m``.
+
+    Returns
+    -------
+    ndarray of shape (n_tests,)
+
+    Examples
+    --------
+    >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.005]).round(6).tolist()
+    [0.02, 0.04, 0.04, 0.02]
+    """
+    p, known = _p_values(p_values)
+    out = np.full(p.shape, np.nan)
+    values = p[known]
+    m = values.size
+    if m:
+        order = np.argsort(values, kind="mergesort")
+        scaled = np.minimum(1.0, values[order] * m / np.arange(1, m + 1))
+        adjusted = np.empty(m)
+        adjusted[order] = np.minimum.accumulate(scaled[::-1])[::-1]
+        out[known] = adjusted
+    return out

@@ -12,6 +12,17 @@ is scikit-learn's L2-penalised ``LogisticRegression`` (C = 1, lbfgs).
 
 Its AUC gets a DeLong CI, and DeLong's paired test compares it with chosen image models (the
 study: ``no_roi_bbox`` trained and tested) on the same hold-out images, matched by image id.
+
+**The scale factor** (issue 16, part 4). Each image is divided by its own maximum before it is masked
+(SPEC §1, the study's order; ``scale: before_masking``), so a bright object outside the ROI (burned-in
+text, a laterality letter, a marker) lowers every pixel inside it, and a model shown the ROI alone can
+find a class that lives outside it. Beside the metadata baseline, a second predictor, ``image_max``,
+scores each hold-out image by that maximum alone (the store's ``image_max`` column, recorded at
+preparation), oriented per fold on the fold's training images (the sign whose training AUC is at least
+0.5; no other fitting), so that its fold-mean AUC, CI and DeLong tests against the image models read
+like the metadata baseline's. The verdict reads it (:mod:`maskaudit.analyses.verdict`); with
+``scale: after_masking`` the masked images are rescaled by the pixels they keep and the predictor is
+still reported, but no longer read.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from maskaudit.stats import auc_ci, mean_auc_ci, mean_difference_test, paired_te
 
 #: The ``train_strategy`` (and ``test_strategy``) of the baseline's rows in its prediction table.
 METADATA = "metadata"
+#: The same for the scale-factor predictor (the image's own maximum; the store's column of that name).
+IMAGE_MAX = "image_max"
 
 
 def metadata_columns(available: list[str], wanted: list[str] | None) -> list[str]:
@@ -142,8 +155,10 @@ def baseline_predictions(kept: pd.DataFrame, labels: np.ndarray, classes: list[s
 
 
 def baseline_tables(baseline: pd.DataFrame, predictions: pd.DataFrame, classes: list[str],
-                    compare: list[tuple[str, str]], level: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The baseline's AUC per class (per fold and over folds) and its paired tests against image models.
+                    compare: list[tuple[str, str]], level: float,
+                    predictor: str = METADATA) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The baseline's AUC per class (per fold and over folds) and its paired tests against image models
+    (``predictor``: the baseline's rows, :data:`METADATA`, or the scale factor's, :data:`IMAGE_MAX`).
 
     Returns
     -------
@@ -156,7 +171,7 @@ def baseline_tables(baseline: pd.DataFrame, predictions: pd.DataFrame, classes: 
     aucs, tests = [], []
     trained = set(zip(predictions["train_strategy"], predictions["test_strategy"], strict=True))
     for name in classes:
-        sets = prediction_sets(baseline, name, METADATA, METADATA)
+        sets = prediction_sets(baseline, name, predictor, predictor)
         for fold, frame in sets.items():
             est = auc_ci(frame["label"].to_numpy(), frame["probability"].to_numpy(), level)
             aucs.append({"class": name, "fold": str(fold), **_estimate(est)})
@@ -177,6 +192,34 @@ def baseline_tables(baseline: pd.DataFrame, predictions: pd.DataFrame, classes: 
                 both = mean_difference_test([sets[k] for k in shared], [models[k] for k in shared])
                 tests.append({**row, "fold": "mean", **_test(both)})
     return pd.DataFrame(aucs), pd.DataFrame(tests)
+
+
+def scale_predictions(kept: pd.DataFrame, labels: np.ndarray, classes: list[str], train: dict[int, np.ndarray],
+                      test: np.ndarray) -> pd.DataFrame:
+    """Per fold and class, each hold-out image scored by its own maximum before scaling (the module's docstring).
+
+    The score is ``image_max`` or its negative, whichever ranks the fold's training images with an AUC of at least
+    0.5; the prediction table has the baseline's columns, ``train_strategy`` = ``test_strategy`` =
+    :data:`IMAGE_MAX`. Empty when the store has no ``image_max`` column (prepared before it was recorded).
+    """
+    columns = ["dataset", "split", "train_strategy", "fold", "test_strategy", "image_id", "class", "label",
+               "probability"]
+    if IMAGE_MAX not in kept:
+        return pd.DataFrame(columns=columns)
+    peak = kept[IMAGE_MAX].to_numpy(dtype=np.float64)
+    rows = []
+    for fold, train_idx in train.items():
+        for k, name in enumerate(classes):
+            sign = 1.0
+            fitted = auc_ci(labels[train_idx, k], peak[train_idx])
+            if np.isfinite(fitted.auc) and fitted.auc < 0.5:
+                sign = -1.0
+            rows.append(pd.DataFrame({
+                "dataset": MAIN, "split": "test", "train_strategy": IMAGE_MAX, "fold": fold, "test_strategy": IMAGE_MAX,
+                "image_id": kept["image_id"].to_numpy()[test], "class": name, "label": labels[test, k],
+                "probability": sign * peak[test],
+            }))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
 def _estimate(est) -> dict:

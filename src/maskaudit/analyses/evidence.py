@@ -196,7 +196,8 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
         criterion = "validation AUC" if r["monitor"] == "val_auc" else "validation loss"
         if r["learnt"] == 1:
             text = (f"{model} learnt {r['class']} on its validation images (AUC {r['best_auc']:.2f} at epoch "
-                    f"{int(r['best_epoch']) + 1}, CI lower bound {r['best_ci_low']:.2f}) but kept the weights of "
+                    f"{int(r['best_epoch']) + 1}, CI lower bound {r['best_ci_low']:.2f} corrected for the epochs "
+                    "looked at) but kept the weights of "
                     f"epoch {int(r['kept_epoch']) + 1} (the best {criterion}), at chance for it (AUC {kept}).")
             short = (f"fold {r['fold']} kept epoch {int(r['kept_epoch']) + 1}, learnt at epoch "
                      f"{int(r['first_learnt_epoch']) + 1}")

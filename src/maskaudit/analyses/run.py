@@ -14,6 +14,7 @@ Tables go to ``analyses/<name>/`` (Parquet and CSV), figures to ``figures/``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,40 @@ import numpy as np
 import pandas as pd
 import torch
 
-from maskaudit.analyses.baseline import METADATA, baseline_predictions, baseline_tables, metadata_columns
+from maskaudit.analyses.baseline import (
+    IMAGE_MAX,
+    METADATA,
+    baseline_predictions,
+    baseline_tables,
+    metadata_columns,
+    scale_predictions,
+)
 from maskaudit.analyses.embeddings import cosine_table, embed_images, tsne_figure, tsne_points
 from maskaudit.analyses.evidence import run_evidence_flags
 from maskaudit.analyses.explain import attribution_in_roi, attribution_panels, explain
+from maskaudit.analyses.localize import (
+    CELL_COLUMNS,
+    CORRECTIONS,
+    ROLES,
+    cell_boxes,
+    evidence_targets,
+    explained_attribution,
+    figure_name,
+    grid_edges,
+    localization_sentence,
+    localize_figure,
+    localize_section,
+    localize_target,
+    localized_cells,
+    mean_positive_image,
+    occlusion_predictions,
+    summary_row,
+)
 from maskaudit.analyses.reader_selection import export_cases, select_cases
 from maskaudit.analyses.sweep import sweep_aucs, sweep_figure, sweep_predictions
 from maskaudit.analyses.verdict import VERDICTS, class_verdict
 from maskaudit.context import Context
+from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN, prediction_sets
 from maskaudit.predict import probabilities, scorable_strategies
@@ -50,17 +77,33 @@ log = logging.getLogger(__name__)
 
 
 def run_baseline(ctx: Context) -> dict:
+    """The metadata baseline, and the scale factor as a predictor of its own (:mod:`maskaudit.analyses.baseline`)."""
     c = ctx.config
     out = ctx.run.analysis("baseline")
     store, splits = ctx.store, ctx.splits
-    columns = metadata_columns(store.metadata_columns, c.analyses.baseline.columns)
-    skipped = ("every image was scored (predict.images: all): no held-out images for a baseline"
-               if c.predict.images == "all" else "this data has no metadata: no baseline" if not columns else "")
-    if skipped:
+    if c.predict.images == "all":
         for name in ("baseline_auc", "baseline_tests"):
             write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
-        return {"status": skipped}
+        return {"status": "every image was scored (predict.images: all): no held-out images for a baseline"}
     train = {k: splits.train(k) for k in range(c.folds)}
+    record = {}
+    scale = scale_predictions(store.kept, store.labels, store.classes, train, splits.test)
+    if len(scale):
+        scale_aucs, scale_tests = baseline_tables(scale, ctx.predictions(), store.classes, ctx.plan.baseline_pairs,
+                                                  c.analyses.level, predictor=IMAGE_MAX)
+        write_table(out / "scale_predictions.parquet", scale)
+        write_table(out / "scale_auc.parquet", scale_aucs, csv=True)
+        write_table(out / "scale_tests.parquet", scale_tests, csv=True)
+    else:
+        record["scale"] = "the store has no image_max column (prepared before it was recorded): no scale factor"
+        for name in ("scale_predictions", "scale_auc", "scale_tests"):
+            (out / f"{name}.parquet").unlink(missing_ok=True)
+            (out / f"{name}.csv").unlink(missing_ok=True)
+    columns = metadata_columns(store.metadata_columns, c.analyses.baseline.columns)
+    if not columns:
+        for name in ("baseline_auc", "baseline_tests"):
+            write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
+        return {**record, "status": "this data has no metadata: no baseline"}
     predictions, fits = baseline_predictions(store.kept, store.labels, store.classes, columns, train, splits.test)
     aucs, tests = baseline_tables(predictions, ctx.predictions(), store.classes, ctx.plan.baseline_pairs,
                                   c.analyses.level)
@@ -68,7 +111,7 @@ def run_baseline(ctx: Context) -> dict:
     write_table(out / "fits.parquet", fits, csv=True)
     write_table(out / "baseline_auc.parquet", aucs, csv=True)
     write_table(out / "baseline_tests.parquet", tests, csv=True)
-    return {"columns": columns}
+    return {**record, "columns": columns}
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -267,6 +310,107 @@ def run_reader(ctx: Context) -> dict:
     return {"cases": int(len(key)), "fold": fold}
 
 
+# ------------------------------------------------------------------------------------------ localize
+
+#: The columns of ``analyses/localize/summary.parquet``: one row per localised (model, class, evidence).
+SUMMARY_COLUMNS = ["model", "class", "role", "train_strategy", "test_strategy", "auc", "n_cells", "n_tested",
+                   "n_significant", "regions", "sentence"]
+
+
+def localize_cells(ctx: Context) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """The cells of evidence ``localize`` may read, per verdict model and role (:func:`localized_cells`)."""
+    c, plan = ctx.config, ctx.plan
+    return localized_cells(plan.evidence, list(c.analyses.localize.where), plan.models, c.eval_strategies,
+                           best_inside=plan.reading.best_inside)
+
+
+def localize_folds(ctx: Context) -> list[int]:
+    """Whose fold's models localise (``analyses.localize.folds``, default every fold), each checked to exist."""
+    folds, have = ctx.config.analyses.localize.folds, ctx.plan.model_folds
+    if folds is None:
+        return list(have)
+    if any(k not in have for k in folds):
+        raise MaskauditError(f"analyses.localize.folds={list(folds)}: this run's models are those of folds "
+                             f"{', '.join(map(str, have))}")
+    return list(folds)
+
+
+def run_localize(ctx: Context) -> dict:
+    """Occlusion maps of each class's evidence where it shows signal (:mod:`maskaudit.analyses.localize`)."""
+    c, plan, loc = ctx.config, ctx.plan, ctx.config.analyses.localize
+    out = ctx.run.analysis("localize")
+
+    def write(cells: pd.DataFrame, summary: pd.DataFrame) -> None:
+        write_table(out / "cells.parquet", cells, csv=True)
+        write_table(out / "summary.parquet", summary, csv=True)
+
+    nothing = pd.DataFrame(columns=CELL_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
+    places = " or ".join(ROLES[role][1] for role in loc.where)
+    if not ctx.store.rois or not loc.where:
+        write(*nothing)
+        return {"status": "this data has no ROI masks: nothing to localise" if not ctx.store.rois
+                else "analyses.localize.where is empty: nothing localised"}
+    grid_edges(ctx.store.image_size, loc.grid)  # a grid finer than the images: one line naming the key
+    folds = localize_folds(ctx)
+    matrix = pd.read_parquet(ctx.run.metrics / "auc_matrix.parquet")
+    matrix = matrix[(matrix["dataset"] == MAIN) & (matrix["split"] == "test")]
+    targets = evidence_targets(matrix, localize_cells(ctx), c.classes, c.analyses.verdict, plan.reading.best_inside)
+    if not targets:
+        write(*nothing)
+        return {"status": f"no class shows signal {places}: nothing to localise"}
+    models = [m for m in plan.models if any(t["train_strategy"] == m for t in targets)]
+    scores = ctx.gather("occlusion predictions", [(m, k) for m in models for k in folds])
+    boxes = cell_boxes(ctx.store.image_size, loc.grid)
+    device = resolve_device(c.train.device)
+    alpha, how = c.analyses.verdict.alpha, CORRECTIONS[loc.correction][1]
+    tables, summary = [], []
+    for target in targets:
+        train, test, name = target["train_strategy"], target["test_strategy"], target["class"]
+        part = scores[(scores["train_strategy"] == train) & (scores["test_strategy"] == test)
+                      & (scores["class"] == name) & scores["fold"].isin(folds)]
+        table = localize_target(part, target, boxes, c.analyses.level, alpha, loc.correction)
+        attribution, note = explained_attribution(ctx.run, train, test, name, loc.grid)
+        if attribution is not None:
+            table["attribution_share"] = attribution[table["cell"].to_numpy()]
+        summary.append(summary_row(target, table, localization_sentence(table, loc.correction, alpha, loc.grid)))
+        tables.append(table)
+        mean = mean_positive_image(ctx.store, ctx.scored_images(), name, ctx.masking, test, c.predict.batch_size,
+                                   device)
+        who = f"{target['model']}: " if target["model"] else ""
+        models_of = f"mean of {len(folds)} folds' models" if len(folds) > 1 else f"fold {folds[0]}'s model"
+        title = f"{who}{name}, {target['role']} evidence: {train}→{test}, {models_of}; {how}, α = {alpha:g}"
+        save_figure(localize_figure(mean, table, loc.grid, attribution, note, title),
+                    ctx.run.figures / figure_name(target), c.report.formats)
+    write(pd.concat(tables, ignore_index=True), pd.DataFrame(summary, columns=SUMMARY_COLUMNS))
+    return {"localized": [f"{t['model'] + ': ' if t['model'] else ''}{t['class']} ({t['role']})" for t in targets],
+            "folds": folds}
+
+
+def run_localize_job(ctx: Context, strategy: str, fold: int) -> dict:
+    """One model's occlusion predictions on the scored images, under each test masking it is evidence on."""
+    c = ctx.config
+    tests = {t for roles in localize_cells(ctx).values() for cells in roles.values() for m, t in cells if m == strategy}
+    tests = [t for t in c.eval_strategies if t in tests]
+    device = resolve_device(c.train.device)
+    model = ctx.model(strategy, fold, device)
+    table = occlusion_predictions(model, ctx.store, ctx.scored_images(), ctx.masking, tests,
+                                  c.analyses.localize.grid, c.predict.batch_size, device, strategy, fold,
+                                  num_workers=c.train.num_workers)
+    return ctx.write_job_output(strategy, fold, "occlusion predictions", table)
+
+
+def localize_evidence(ctx: Context, predictions: pd.DataFrame, cells: set[tuple[str, str]],
+                      full: tuple[str, str]) -> dict[str, dict]:
+    """Per class: the sentence saying where its evidence lies, for the verdict model whose full cell is ``full``."""
+    path = ctx.run.analysis("localize") / "summary.parquet"
+    if not path.is_file():
+        return {}
+    summary = pd.read_parquet(path)
+    key = next((k for k, evidence in ctx.plan.evidence.items() if evidence["full"][:1] == [full]), "")
+    rows = summary[summary["model"] == key]
+    return {name: {"sentence": " ".join(part["sentence"])} for name, part in rows.groupby("class", sort=False)}
+
+
 # ------------------------------------------------------------------------------------------ verdict
 
 
@@ -310,16 +454,31 @@ def run_verdict(ctx: Context) -> dict:
 
 def baseline_evidence(ctx: Context, predictions: pd.DataFrame, cells: set[tuple[str, str]],
                       full: tuple[str, str]) -> dict[str, dict]:
-    """Per class: the baseline's fold-mean AUC and CI, and DeLong's test of each of ``cells`` against it."""
+    """Per class: the baseline's fold-mean AUC and CI, and DeLong's test of each of ``cells`` against it; with
+    ``scale: before_masking``, the same of the scale factor under ``scale`` (:mod:`maskaudit.analyses.baseline`)."""
     out = ctx.run.analysis("baseline")
-    if not (out / "predictions.parquet").is_file():
+    evidence = _predictor_evidence(out / "predictions.parquet", out / "baseline_auc.parquet", METADATA, predictions,
+                                   cells)
+    if ctx.config.scale == "before_masking":
+        scale = _predictor_evidence(out / "scale_predictions.parquet", out / "scale_auc.parquet", IMAGE_MAX,
+                                    predictions, cells)
+        for name, value in scale.items():
+            evidence.setdefault(name, {"auc": math.nan, "ci_low": math.nan, "ci_high": math.nan, "tests": {}})
+            evidence[name]["scale"] = value
+    return evidence
+
+
+def _predictor_evidence(predictions_path: Path, aucs_path: Path, predictor: str, predictions: pd.DataFrame,
+                        cells: set[tuple[str, str]]) -> dict[str, dict]:
+    """Per class: a baseline predictor's fold-mean AUC and CI, and DeLong's test of each of ``cells`` against it."""
+    if not predictions_path.is_file():
         return {}
-    aucs = pd.read_parquet(out / "baseline_auc.parquet")
+    aucs = pd.read_parquet(aucs_path)
     means = aucs[aucs["fold"] == "mean"].set_index("class")
-    baseline = pd.read_parquet(out / "predictions.parquet")
+    baseline = pd.read_parquet(predictions_path)
     evidence = {}
     for name, row in means.iterrows():
-        base_sets = prediction_sets(baseline, name, METADATA, METADATA)
+        base_sets = prediction_sets(baseline, name, predictor, predictor)
         tests = {}
         for train, test in cells:
             sets = prediction_sets(predictions, name, train, test)
@@ -411,7 +570,7 @@ FIGURES = "report.formats"
 #: Every analysis, in the order ``maskaudit run`` runs them (the verdict reads the others). The names are the
 #: sections of :class:`maskaudit.config.AnalysesConfig` (``tests/test_extending.py`` checks both lists agree).
 ANALYSES: dict[str, Analysis] = {a.name: a for a in (
-    Analysis("baseline", "Metadata baseline and DeLong tests", run_baseline, reads=("analyses.level",),
+    Analysis("baseline", "Metadata baseline and DeLong tests", run_baseline, reads=("analyses.level", "scale"),
              evidence=baseline_evidence, verdict_input="baseline"),
     Analysis("explain", "SHAP attributions", run_explain, reads=(FIGURES,),
              parts=(Part("explanations", "explain", run_explain_job, reads=("predict.images",)),),
@@ -420,7 +579,13 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in (
     Analysis("sweep", "Dilation sweep", run_sweep, reads=(FIGURES,),
              parts=(Part("sweep predictions", "sweep", run_sweep_job, reads=("predict.images",)),)),
     Analysis("reader", "Reader-study sheet", run_reader),
-    Analysis("verdict", "Verdict", run_verdict, reads=("analyses.run",), after=("metrics", "baseline", "explain")),
+    Analysis("localize", "Where the evidence lies: occlusion maps", run_localize,
+             reads=("analyses.verdict.min_auc", "analyses.verdict.alpha", "analyses.level", FIGURES),
+             after=("metrics", "explain"),
+             parts=(Part("occlusion predictions", "localize", run_localize_job, reads=("predict.images",)),),
+             evidence=localize_evidence, verdict_input="localization", section=localize_section),
+    Analysis("verdict", "Verdict", run_verdict, reads=("analyses.run",),
+             after=("metrics", "baseline", "explain", "localize")),
 )}
 
 #: Per-model part → its job function (the pipeline maps them as jobs).

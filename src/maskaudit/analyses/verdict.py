@@ -33,9 +33,10 @@ model could have learnt the class. Each job's history (``metrics/training``,
 :func:`maskaudit.metrics.training_table`) says, per class, whether the weights it kept are above chance on
 its own validation images (the CI's lower bound above 0.5) and, if not, whether some other epoch was.
 A cell's model is *undertrained* for a class when the kept weights of most of its folds are at chance;
-it *learnt but did not keep* the class when, in addition, one of those folds was above chance at another
-epoch (the study's rule keeps the best summed validation loss, which can be an early epoch once the
-model starts to fit a class without signal), and it *never learnt* it otherwise. Where such a cell's
+it *learnt but did not keep* the class when, in addition, most of those folds were above chance at another
+epoch (Bonferroni-corrected for the epochs looked at; the study's rule keeps the best summed validation
+loss, which can be an early epoch once the model starts to fit a class without signal), and it *never
+learnt* it otherwise. Where such a cell's
 absence decides the verdict:
 
 - ``undertrained`` replaces ``unclear`` when the inside or the outside model is undertrained (the
@@ -43,9 +44,21 @@ absence decides the verdict:
   they learnt it); it replaces ``roi``, ``outside`` and ``none`` when the cell whose absence they rest on
   (outside, inside, full) learnt the class at an epoch it did not keep: the evidence was there;
 - ``roi`` and ``outside`` stand when that cell never learnt the class (what a model without the evidence
-  gives), with a sentence saying so and what would tell it from a training cut short.
+  gives); when it also stopped no later than the other masked model took to learn the class (the median
+  epoch of its folds' first epoch above chance), a sentence says so and what would tell absence from a
+  training cut short. A model that trained longer than the other needed is read as absence.
 
 The reading gives the advice that fits (:func:`maskaudit.analyses.evidence.undertraining_advice`).
+
+**The scaling leak.** With ``scale: before_masking`` (the study's order: each image divided by its own
+maximum, then masked) a bright object outside the ROI lowers every pixel inside it, and a model shown the
+ROI alone can find a class whose evidence lies outside. The baseline analysis scores each image by that
+maximum alone (``image_max``, :mod:`maskaudit.analyses.baseline`). When it shows signal for the class and
+the inside cell shows signal but is not significantly better than it (DeLong, p < alpha, on the same
+hold-out images), the inside cell is not read as signal: the rules above read the class from the
+outside evidence, and the reading says that the ROI-only signal may be carried by the scaling. With
+``scale: after_masking`` each masked image is rescaled by the pixels it keeps, the leak is gone and the
+rule is not applied.
 
 Without an AUC of the full model the verdict is ``undetermined``, and its reading says why: the run has no
 full model, or the class has no positive (or no negative) image in the hold-out set ("No positive image of
@@ -163,6 +176,7 @@ class Training:
     folds: tuple[int, ...] = ()
     n_folds: int = 0
     advice: str = ""
+    epochs: float = math.nan  # the median number of epochs those folds ran
 
     def text(self, cell: Cell) -> str:
         which = f"folds {', '.join(map(str, self.folds))}" if len(self.folds) > 1 else f"fold {self.folds[0]}"
@@ -181,9 +195,19 @@ def cell_training(cell: Cell | None, training: pd.DataFrame | None) -> Training:
     at_chance = rows[rows["kept_learnt"] == 0]
     if not len(rows) or 2 * len(at_chance) <= len(rows):
         return Training()
-    state = "not_kept" if (at_chance["learnt"] == 1).any() else "never"
+    state = "not_kept" if 2 * int((at_chance["learnt"] == 1).sum()) > len(at_chance) else "never"
     advice = undertraining_advice(pd.DataFrame(undertrained_flags(at_chance)))
-    return Training(state, tuple(int(k) for k in at_chance["fold"]), len(rows), advice)
+    return Training(state, tuple(int(k) for k in at_chance["fold"]), len(rows), advice,
+                    float(at_chance["epochs_run"].median()))
+
+
+def epochs_to_learn(cell: Cell | None, training: pd.DataFrame | None) -> float:
+    """The median number of epochs the folds of ``cell``'s model took to learn the class (first epoch above chance,
+    counted from 1), over the folds that did; NaN when none did or nothing is known."""
+    if cell is None or training is None or not len(training):
+        return math.nan
+    rows = training[(training["train_strategy"] == cell.train) & (training["first_learnt_epoch"] >= 0)]
+    return float((rows["first_learnt_epoch"] + 1).median()) if len(rows) else math.nan
 
 
 def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | None = None,
@@ -227,6 +251,9 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
                 for name, candidates in evidence_cells.items()}
     signal = {name: cell is not None and shows_signal(cell.auc, cell.ci_low, rules) for name, cell in evidence.items()}
     full, inside, outside, shape = (evidence[n] for n in ("full", "inside", "outside", "shape"))
+    leak = _scaling_leak(inside, signal["inside"], baseline.get("scale") if baseline else None, rules)
+    if leak:
+        signal["inside"] = False
     base_signal = baseline is not None and shows_signal(baseline["auc"], baseline["ci_low"], rules)
     tests = baseline.get("tests", {}) if baseline else {}
     better = [cell for name, cell in evidence.items() if cell is not None and signal[name]
@@ -274,12 +301,16 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
         verdict = "unclear"
         reading = (f"{words.subject} finds it ({full.text()}) but neither the ROI alone ({seen(inside)}) nor the "
                    f"rest ({seen(outside)}) suffices: the evidence needs both; read the matrices.")
+    if leak and verdict not in ("undetermined", "metadata"):
+        reading += f" {leak}"
     if verdict in ("roi", "outside"):
-        absent = outside if verdict == "roi" else inside
-        learnt = cell_training(absent, training)
-        if learnt.state == "never":
-            reading += (f" But {learnt.text(absent)}: what a model without the evidence gives, or a training cut "
-                        f"short; to tell them apart: {learnt.advice}.")
+        absent, present = (outside, inside) if verdict == "roi" else (inside, outside)
+        learnt, needed = cell_training(absent, training), epochs_to_learn(present, training)
+        if learnt.state == "never" and not learnt.epochs > needed:  # NaN `needed`: nothing to compare with
+            compared = f" after a median {learnt.epochs:g} epochs, while the {present.train} model learnt it in " \
+                       f"{needed:g}" if math.isfinite(needed) else ""
+            reading += (f" But {learnt.text(absent)}{compared}: what a model without the evidence gives, or a "
+                        f"training cut short; to tell them apart: {learnt.advice}.")
     if base_signal and verdict != "metadata":
         reading += (f" Metadata alone also predict it ({_baseline_text(baseline)}), less well than "
                     f"{better[0].name} (DeLong p = {tests[better[0].name]['p_value']:.3g}).")
@@ -312,6 +343,24 @@ def class_verdict(cells: pd.DataFrame, rules: VerdictConfig, baseline: dict | No
     row["baseline_signal"] = base_signal
     row["attribution_ratio"] = attribution.get("ratio", math.nan) if attribution else math.nan
     return row
+
+
+def _scaling_leak(inside: Cell | None, inside_signal: bool, scale: dict | None, rules: VerdictConfig) -> str:
+    """The sentence of the scaling leak (the module's docstring) when it applies to the inside cell, else ""."""
+    if inside is None or not inside_signal or not scale or not shows_signal(scale["auc"], scale["ci_low"], rules):
+        return ""
+    test = scale.get("tests", {}).get(inside.name, {})
+    p, difference = test.get("p_value", math.nan), test.get("difference", math.nan)
+    if p < rules.alpha and difference > 0:
+        return ""
+    compared = f"difference {difference:+.2f}, DeLong p = {p:.3g}" if math.isfinite(p) else \
+        "no paired test on the same images"
+    return (f"The image's own maximum alone predicts it (image_max AUC {scale['auc']:.2f} [{scale['ci_low']:.2f}, "
+            f"{scale['ci_high']:.2f}]) and {inside.name} is not significantly better ({compared}): each image was "
+            "divided by its own maximum before masking (scale: before_masking, the study's order), so a bright "
+            "object outside the ROI lowers every pixel inside it, and the ROI-only signal may be carried by the "
+            "scaling; the verdict reads the class from the outside evidence (scale: after_masking removes this "
+            "path).")
 
 
 def _undertrained_verdict(evidence: dict[str, Cell | None], signal: dict[str, bool],

@@ -18,7 +18,8 @@ from maskaudit.analyses.verdict import VERDICTS
 from maskaudit.errors import MaskauditError
 from maskaudit.probe_report import report_view
 from maskaudit.report.figures import auc_colour, difference_colour
-from maskaudit.report.html import ReportView, Table, _cell, _environment, fmt_auc, matrix_models, run_config
+from maskaudit.report.html import ReportView, _environment, matrix_models, run_config
+from maskaudit.report.parts import Table, _cell, fmt_auc
 from maskaudit.rundir import RunDir, write_text
 
 

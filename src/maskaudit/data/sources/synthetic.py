@@ -32,7 +32,11 @@ the pixels of that class's signal, and the ROI masks only when the signal is ``s
     A bright burned-in marker (an ``L`` glyph, a ring or a cross; side 11 % of the image) in a
     corner (``cxr`` also at the top or bottom centre), placed so that it lies outside the bounding
     box of every ROI with a margin: it survives ``no_roi`` and ``no_roi_bbox`` and is removed by
-    ``only_roi`` and ``only_roi_bbox``.
+    ``only_roi`` and ``only_roi_bbox``. Each image draws one of the anchors; a class's ``anchors``
+    (``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``, ``cxr`` also ``top`` and
+    ``bottom``) limits the draw to those places, so that where the marker lies is known (the truth
+    :mod:`maskaudit.analyses.localize` is checked against). The draw consumes the same random
+    numbers either way, and without ``anchors`` the pixels are those of every earlier version.
 ``global``
     A scanner-like change of the whole image: a gamma below one (mid-tones brightened) and a fine
     noise texture, present in the unmasked pixels of every strategy.
@@ -49,6 +53,13 @@ changes (``shape``, fundus ``roi``) combine as ``1 - prod(1 - strength)``.
 *Saturation.* Every image holds a saturated, label-independent structure (the spine of ``cxr``,
 the red channel of the optic disc of ``fundus``), so its maximum is 255 whatever its labels, and
 scaling each image by its own maximum (SPEC §1) cannot spread a local signal over the image.
+``saturate: false`` leaves that structure out: the ``cxr`` spine adds 30 % of its contrast, the
+``fundus`` disc's red tint is 1.0 instead of 1.3, and the anatomy of both is rendered at 80 % of its
+brightness before the markers are stamped. An image's maximum is then the anatomy's (about 150–220
+of 255) unless a bright ``outside`` marker (about 235–255) sets it. Scaling each image by its own maximum then
+darkens every pixel of a marked image against an unmarked one: the marker's class leaks into the
+ROI, as a burned-in label does in real X-rays (issue 16, part 4). With ``saturate: true`` (the
+default) the pixels are those of every earlier version.
 
 *Metadata.* ``sex`` and ``age`` are per patient, ``projection`` and ``camera`` per image. A
 column that ``correlates_with`` a class follows that class's label (the patient's latent state
@@ -77,10 +88,17 @@ from maskaudit.config import AuditConfig, SyntheticData
 from maskaudit.data.sources.base import Loaded, Record, Source
 from maskaudit.errors import MaskauditError
 
-__all__ = ["LABEL_PERSISTENCE", "SyntheticSource"]
+__all__ = ["LABEL_PERSISTENCE", "MARKER_ANCHORS", "SyntheticSource"]
 
 #: Probability that an image's label equals its patient's latent state for that class.
 LABEL_PERSISTENCE = 0.8
+
+#: The places of an ``outside`` marker, in the order the generator lists them (``top``, ``bottom``: ``cxr`` only);
+#: a class's ``anchors`` names some of them.
+MARKER_ANCHORS = ("top_left", "top_right", "bottom_left", "bottom_right", "top", "bottom")
+
+#: ``saturate: false``: the share of the spine's contrast kept (cxr), and the anatomy's brightness (both kinds).
+_UNSATURATED_SPINE, _UNSATURATED_BRIGHTNESS = 0.3, 0.8
 
 # Stream tags of the seed sequences (never reorder: they are part of the generated data).
 _COUNT, _LABELS, _ANATOMY, _JITTER, _SIGNAL, _META = 1, 2, 3, 4, 5, 6
@@ -433,9 +451,10 @@ class SyntheticSource(Source):
                  labels: Mapping[str, int]) -> None:
         """Stamp the ``outside`` classes' markers, each outside the bounding box of every ROI (in place).
 
-        A marker of side ``_MARKER_SIZE`` goes to one of a few anchors (the corners; for ``cxr`` also
-        the top and bottom centre), moved by a few pixels, among those that keep a margin from the
-        ROIs' box. Where none does (tiny images), it shrinks down to 3 pixels and hugs the border.
+        A marker of side ``_MARKER_SIZE`` goes to one of a few anchors (:data:`MARKER_ANCHORS`: the
+        corners; for ``cxr`` also the top and bottom centre; a class's ``anchors``: those alone), moved
+        by a few pixels, among those that keep a margin from the ROIs' box. Where none does (tiny
+        images), it shrinks down to 3 pixels and hugs the border.
         """
         size = self.size
         box = _bbox(roi_union)
@@ -465,8 +484,11 @@ class SyntheticSource(Source):
             for side_now, margin, edge_now in tries:
                 shift = (dr, dc) if edge_now else (0, 0)
                 last = size - side_now
+                places = anchors(side_now, edge_now)
+                if cls.anchors is not None:  # only the named places, in the order of MARKER_ANCHORS
+                    places = [at for at, named in zip(places, MARKER_ANCHORS, strict=False) if named in cls.anchors]
                 moved = [(min(max(r0 + shift[0], 0), last), min(max(c0 + shift[1], 0), last))
-                         for r0, c0 in anchors(side_now, edge_now)]
+                         for r0, c0 in places]
                 valid = [(r0, c0) for r0, c0 in moved if clear(r0, c0, side_now, margin)]
                 if valid:
                     break
@@ -486,7 +508,7 @@ class SyntheticSource(Source):
         The anatomy of every image holds a saturated structure (the spine for ``cxr``, the red
         channel of the optic disc for ``fundus``), so every image's maximum is 255 whatever its
         labels: normalising an image by its own maximum (SPEC §1) cannot carry a signal from one
-        place of the image to every other.
+        place of the image to every other. Unless ``saturate`` is false (module docstring).
         """
         size = self.size
         gamma = jitter.gamma
@@ -566,7 +588,10 @@ class SyntheticSource(Source):
         sw = jit.box(size, 0.41, 0.59, -0.05, 1.05)
         spine = np.exp(-(((x[sw] - 0.5) * (1.0 / 0.028)) ** 2))
         spine *= 0.8 + 0.2 * np.sin((2.0 * math.pi * 16.0) * y[sw])
-        image[sw] += a["spine"] * torso[sw] * spine  # saturates: see `_finish`
+        if self.config.saturate:
+            image[sw] += a["spine"] * torso[sw] * spine  # saturates: see `_finish`
+        else:
+            image[sw] += (a["spine"] * _UNSATURATED_SPINE) * torso[sw] * spine
         for mid, tip in ((0.46, 0.2), (0.54, 0.8)):
             ends = ((mid, a["clav_y"]), (tip, a["clav_y"] - a["clav_rise"]))
             cw = jit.window(size, np.array([mid, tip]), np.array([ends[0][1], ends[1][1]]), 0.016)
@@ -597,6 +622,8 @@ class SyntheticSource(Source):
             image += (_OPACITY_GAIN * cls.strength) * np.minimum(blobs, 1.0) * inside
 
         image = image.astype(np.float32, copy=False)
+        if not self.config.saturate:
+            image *= np.float32(_UNSATURATED_BRIGHTNESS)
         self._markers(image, lungs | heart, p, i, labels)
         return Loaded(image=self._finish(image, jit, p, i, labels), rois={"lungs": lungs, "heart": heart})
 
@@ -636,7 +663,8 @@ class SyntheticSource(Source):
             r_cup = _ellipse(u, v, off * a["cup_ox"] * rd, off * a["cup_oy"] * rd * asp, cdr * rd,
                              cdr * rd * asp)
             disc[dw], cup[dw] = r_disc < 1.0, r_cup < 1.0
-            for r_shape, tint in ((r_disc, (1.3, 0.68, 0.33)), (r_cup, (1.0, 0.96, 0.86))):
+            disc_tint = (1.3, 0.68, 0.33) if self.config.saturate else (1.0, 0.68, 0.33)
+            for r_shape, tint in ((r_disc, disc_tint), (r_cup, (1.0, 0.96, 0.86))):
                 fill = _soft(r_shape, 0.35)
                 image[dw] += fill[..., None] * (np.array(tint, np.float32) - image[dw])
 
@@ -675,5 +703,7 @@ class SyntheticSource(Source):
             image[vw] += vessels[..., None] * (np.array([0.45, 0.08, 0.05], np.float32) - image[vw])
 
         image = image.astype(np.float32, copy=False)
+        if not self.config.saturate:
+            image *= np.float32(_UNSATURATED_BRIGHTNESS)
         self._markers(image, disc | cup, p, i, labels)
         return Loaded(image=self._finish(image, jit, p, i, labels), rois={"disc": disc, "cup": cup})
