@@ -593,15 +593,20 @@ def holm(p_values) -> np.ndarray:
     >>> holm([0.01, 0.04, 0.03, 0.005]).round(6).tolist()
     [0.03, 0.06, 0.06, 0.02]
     """
+    return _adjusted(p_values, lambda sorted_p, m: (m - np.arange(m)) * sorted_p, np.maximum.accumulate)
+
+
+def _adjusted(p_values, scale, monotone) -> np.ndarray:
+    """Adjusted p-values of a step-wise procedure: the defined p-values sorted, ``scale(sorted, m)`` capped at 1,
+    made monotone by ``monotone``, and put back in the input order (NaN stays NaN)."""
     p, known = _p_values(p_values)
     out = np.full(p.shape, np.nan)
     values = p[known]
     m = values.size
     if m:
         order = np.argsort(values, kind="mergesort")
-        scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
         adjusted = np.empty(m)
-        adjusted[order] = np.maximum.accumulate(scaled)
+        adjusted[order] = monotone(np.minimum(1.0, scale(values[order], m)))
         out[known] = adjusted
     return out
 
@@ -628,14 +633,5 @@ def benjamini_hochberg(p_values) -> np.ndarray:
     >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.005]).round(6).tolist()
     [0.02, 0.04, 0.04, 0.02]
     """
-    p, known = _p_values(p_values)
-    out = np.full(p.shape, np.nan)
-    values = p[known]
-    m = values.size
-    if m:
-        order = np.argsort(values, kind="mergesort")
-        scaled = np.minimum(1.0, values[order] * m / np.arange(1, m + 1))
-        adjusted = np.empty(m)
-        adjusted[order] = np.minimum.accumulate(scaled[::-1])[::-1]
-        out[known] = adjusted
-    return out
+    return _adjusted(p_values, lambda sorted_p, m: sorted_p * m / np.arange(1, m + 1),
+                     lambda scaled: np.minimum.accumulate(scaled[::-1])[::-1])

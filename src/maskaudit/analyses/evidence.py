@@ -369,19 +369,21 @@ def verdict_notes(flags: pd.DataFrame | None, cells: list[str], rules: EvidenceC
         notes.append(f"Few images in the validation sets (fewer than {rules.min_class_count}): "
                      f"{'; '.join(few_val['short'])}; those folds' early stopping rests on them.")
     models = {cell.split("→")[0] for cell in cells}
-    chance = main[(main["kind"] == "val_chance") & main["train_strategy"].isin(models)]
+
+    def per_model(kind: str) -> tuple[pd.DataFrame, str]:
+        chosen = main[(main["kind"] == kind) & main["train_strategy"].isin(models)]
+        return chosen, "; ".join(f"{model} {', '.join(part['short'])}"
+                                 for model, part in chosen.groupby("train_strategy", sort=False))
+
+    chance, listed = per_model("val_chance")
     if len(chance):
-        per_model = "; ".join(f"{model} {', '.join(part['short'])}"
-                              for model, part in chance.groupby("train_strategy", sort=False))
         notes.append(f"Not clearly above chance on their own validation images (CI lower bound at most 0.5 or "
-                     f"AUC below {0.5 + rules.chance_margin:.2f}): {per_model}; their hold-out AUCs enter the fold "
+                     f"AUC below {0.5 + rules.chance_margin:.2f}): {listed}; their hold-out AUCs enter the fold "
                      "means all the same.")
-    undertrained = main[(main["kind"] == "undertrained") & main["train_strategy"].isin(models)]
+    undertrained, listed = per_model("undertrained")
     if len(undertrained):
-        per_model = "; ".join(f"{model} {', '.join(part['short'])}"
-                              for model, part in undertrained.groupby("train_strategy", sort=False))
         notes.append(f"Kept weights at chance on their own validation images (CI lower bound at most 0.5): "
-                     f"{per_model}. To tell a class these models cannot see from one they had no time to learn: "
+                     f"{listed}. To tell a class these models cannot see from one they had no time to learn: "
                      f"{undertraining_advice(undertrained)}.")
     notes += list(main.loc[main["kind"] == "baseline_fewer", "text"])
     return notes
