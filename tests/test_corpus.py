@@ -150,7 +150,7 @@ def corpus(cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     config = FolderData(source="folder", labels_csv=root / "labels.csv", patient_column="patient_id",
                         id_column="image_id", classes=["covid"])
     source = FolderSource(config)
-    store = prepare_store(source, root.parent / "prepared", 32, workers=2, progress=False)
+    store = prepare_store(source, root.parent / "prepared", 32, workers=2, progress=False, bits=16)
     return {"root": root, "kinds": kinds, "store": store, "config": config}
 
 

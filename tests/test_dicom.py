@@ -454,7 +454,7 @@ def test_folder_of_dicom_images_to_prepared_store(tmp_path: Path) -> None:
     labels = build_dicom_folder(tmp_path / "data")
     source = FolderSource(FolderData.model_validate({"source": "folder", "labels_csv": labels, "classes": ["finding"]}))
     assert all(isinstance(item, Record) for item in source.records())
-    store = prepare_store(source, tmp_path / "prepared", image_size=32, workers=1, progress=False)
+    store = prepare_store(source, tmp_path / "prepared", image_size=32, workers=1, progress=False, bits=16)
     assert store.n == 12 and store.images.dtype == np.uint16 and store.images.shape == (12, 1, 32, 32)
     rejected = store.manifest[store.manifest["status"] == "rejected"]
     assert list(rejected["source_path"]) == ["images/dose.dcm"]

@@ -192,7 +192,8 @@ def test_load_and_store(padchest: dict, tmp_path: Path):
     assert loaded.image.dtype == np.uint16
     assert np.array_equal(loaded.rois["lungs"], truth["lungs"]) and np.array_equal(loaded.rois["heart"], truth["heart"])
     store = prepare_store(source, tmp_path / "prepared", 32, workers=1, progress=False)
-    assert store.n == padchest["n_good"] and store.dtype == np.uint16 and store.rois == ["lungs", "heart"]
+    # the 16-bit PNGs stored with 8 bits after the per-image max scaling, as the study fed them (store.bits: 8)
+    assert store.n == padchest["n_good"] and store.dtype == np.uint8 and store.rois == ["lungs", "heart"]
     bad = store.manifest.set_index("image_id").loc["badsize.png"]
     assert bad["status"] == "rejected" and bad["reason"].startswith("mask size mismatch")
     # `maskaudit check` finds the same reason from the PNG header alone

@@ -190,7 +190,7 @@ def test_real_fundus_with_two_rois_and_the_official_split(tmp_path: Path, fundus
     splits = read_json(out / "splits.json")
     labels = pd.read_csv(fundus_dir / "labels.csv")
     assert sorted(splits["test"]["images"]) == sorted(labels.loc[labels["split"] == "test", "image_id"])
-    assert (out / "prepared" / "dist_roi+cup.npy").is_file()
+    assert (out / "prepared" / "mask_roi+cup.npy").is_file()
 
 
 @pytest.mark.slow

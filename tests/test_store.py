@@ -265,7 +265,7 @@ def test_a_complete_store_is_not_prepared_again(reference: Store, folder: Path, 
     bigger = prepare_store(CountingFolder(config_for(folder)), out, SIZE + 16, workers=1, progress=False)
     assert CountingFolder.loads == 10 and bigger.image_size == SIZE + 16 and bigger.roi_keys == ["roi", "box"]
     assert bigger.fingerprint != reference.fingerprint
-    assert not (out / "dist_roi+box.npy").exists()  # the older store's files are gone
+    assert not (out / "mask_roi+box.npy").exists()  # the older store's files are gone
     assert json.loads((out / "store.json").read_text())["image_size"] == SIZE + 16
 
 

@@ -734,8 +734,8 @@ def prepare_store(
             return Store.open(out)
         log.info("the prepared store in %s was made from other inputs; preparing it again", out)
         marker.unlink()
-    for stale in [out / IMAGES, out / MANIFEST, *out.glob("dist_*.npy")]:
-        stale.unlink(missing_ok=True)  # files of an older store; this preparation writes its own
+    for stale in [out / IMAGES, out / MANIFEST, *out.glob("mask_*.npy"), *out.glob("dist_*.npy")]:
+        stale.unlink(missing_ok=True)  # files of an older store (dist_*: the format before bit-packed masks)
 
     # candidates: records the source kept, less repeated image ids
     candidates: list[Record] = []
