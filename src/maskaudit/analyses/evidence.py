@@ -348,7 +348,9 @@ def verdict_notes(flags: pd.DataFrame | None, cells: list[str], rules: EvidenceC
     flags : DataFrame or None
         :func:`evidence_flags` of the class (rows of other classes are not filtered out here).
     cells : list of str
-        The cells the verdict read, as ``"train→test"``.
+        The cells the verdict read, as ``"train→test"``, the full model's first: its ``undertrained`` flags are
+        noted here; a masked model that did not learn the class is read by the verdict's own rules
+        (:mod:`maskaudit.analyses.verdict`) and listed in the report's Training section.
 
     Returns
     -------
@@ -380,6 +382,7 @@ def verdict_notes(flags: pd.DataFrame | None, cells: list[str], rules: EvidenceC
         notes.append(f"Not clearly above chance on their own validation images (CI lower bound at most 0.5 or "
                      f"AUC below {0.5 + rules.chance_margin:.2f}): {listed}; their hold-out AUCs enter the fold "
                      "means all the same.")
+    models = {cells[0].split("→")[0]} if cells else set()  # the masked models' are read by the verdict's rules
     undertrained, listed = per_model("undertrained")
     if len(undertrained):
         notes.append(f"Kept weights at chance on their own validation images (CI lower bound at most 0.5): "
