@@ -169,9 +169,9 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
         kept = meta.get("best_epoch", -1)
         kept_row = history[history["epoch"] == kept]
         for name in classes:
-            auc = pd.to_numeric(history.get(f"val_auc_{name}"), errors="coerce")
-            if auc is None:
+            if f"val_auc_{name}" not in history:  # a class the job was not trained for
                 continue
+            auc = pd.to_numeric(history[f"val_auc_{name}"], errors="coerce")
             variance = pd.to_numeric(history.get(f"val_auc_variance_{name}", np.nan), errors="coerce")
             sd = np.sqrt(np.asarray(variance, dtype=float)) * np.ones(len(history))
             low, high = np.clip(auc - z * sd, 0, 1), np.clip(auc + z * sd, 0, 1)

@@ -35,7 +35,7 @@ from maskaudit.probe_report import probe_view
 from maskaudit.report.html import ReportView
 from maskaudit.rundir import write_json
 from maskaudit.stages import Stage
-from maskaudit.strategies import STRATEGIES, adapted_name, probe_cells
+from maskaudit.strategies import STRATEGIES, adapted_name, adapted_split, probe_cells
 from maskaudit.train import job_finished
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ ADAPT_JOB_KEYS = tuple(f"adapt.{key}" for key in AdaptConfig.model_fields if key
 
 def adapt_caveat(adapt: AdaptConfig, folds: int) -> str:
     """Appended to every reading of a probe with ``adapt``: which cells came from adaptation, how to read the rest."""
-    tuned = [s for s in adapt.strategies if STRATEGIES[s].probe]
-    controls = [s for s in adapt.strategies if not STRATEGIES[s].probe]
+    tuned, controls = adapted_split(adapt.strategies)
     parts = []
     if tuned:
         parts.append(f"cells named model+masking ({', '.join(f'+{s}' for s in tuned)}) come from copies of the model "
@@ -113,9 +112,8 @@ class ProbeAudit(Audit):
     def adapted(self) -> dict[str, tuple[str | None, str]]:
         """Each adapted model's name → (the probed model it is a copy of, None for a control; its masking), in
         the order of the matrices' rows: each probed model's copies by masking, then the controls."""
-        chosen = [s for s in STRATEGIES if s in self.config.adapt.strategies]
-        out = {adapted_name(m, s): (m, s) for m in self.probed for s in chosen if STRATEGIES[s].probe}
-        return out | {s: (None, s) for s in chosen if not STRATEGIES[s].probe}
+        tuned, controls = adapted_split(s for s in STRATEGIES if s in self.config.adapt.strategies)
+        return {adapted_name(m, s): (m, s) for m in self.probed for s in tuned} | {s: (None, s) for s in controls}
 
     @property
     def adapt_folds(self) -> list[int]:

@@ -18,7 +18,7 @@ import pandas as pd
 from maskaudit.report.html import ReportView
 from maskaudit.report.parts import frame_table
 from maskaudit.rundir import RunDir, read_json
-from maskaudit.strategies import STRATEGIES, adapted_name
+from maskaudit.strategies import STRATEGIES, adapted_name, adapted_split
 
 if TYPE_CHECKING:
     from maskaudit.config import AuditConfig
@@ -43,8 +43,7 @@ def adapt_notice(config: AuditConfig) -> str:
     """:func:`probe_notice` of a probe with ``adapt``: which cells were adapted, and how the others read."""
     a = config.adapt
     folds = a.folds or config.folds
-    tuned = [s for s in a.strategies if STRATEGIES[s].probe]
-    controls = [s for s in a.strategies if not STRATEGIES[s].probe]
+    tuned, controls = adapted_split(a.strategies)
     what = []
     if tuned:
         what.append(f"copies of each model fine-tuned on {', '.join(tuned)} images (rows model+masking; "

@@ -144,6 +144,13 @@ def adapted_name(model: str, strategy: str) -> str:
     return f"{model}+{strategy}" if STRATEGIES[strategy].probe else strategy
 
 
+def adapted_split(strategies: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``adapt.strategies`` in two: the maskings a probed model's copy is fine-tuned on (``probe`` set), and the
+    controls trained from scratch (``roi_shape``), each in the given order."""
+    chosen = list(strategies)
+    return [s for s in chosen if STRATEGIES[s].probe], [s for s in chosen if not STRATEGIES[s].probe]
+
+
 def probe_cells(model: str, adapted: Iterable[str] = ()) -> dict[str, list[tuple[str, str]]]:
     """:func:`evidence_cells` for a probed model: that one model on each masking whose ``probe`` is set.
 

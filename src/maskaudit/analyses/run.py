@@ -82,9 +82,8 @@ def run_baseline(ctx: Context) -> dict:
     out = ctx.run.analysis("baseline")
     store, splits = ctx.store, ctx.splits
     if c.predict.images == "all":
-        for name in ("baseline_auc", "baseline_tests"):
-            write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
-        return {"status": "every image was scored (predict.images: all): no held-out images for a baseline"}
+        return _no_baseline(out, {"status": "every image was scored (predict.images: all): no held-out images for a "
+                                            "baseline"})
     train = {k: splits.train(k) for k in range(c.folds)}
     record = {}
     scale = scale_predictions(store.kept, store.labels, store.classes, train, splits.test)
@@ -101,9 +100,7 @@ def run_baseline(ctx: Context) -> dict:
             (out / f"{name}.csv").unlink(missing_ok=True)
     columns = metadata_columns(store.metadata_columns, c.analyses.baseline.columns)
     if not columns:
-        for name in ("baseline_auc", "baseline_tests"):
-            write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
-        return {**record, "status": "this data has no metadata: no baseline"}
+        return _no_baseline(out, {**record, "status": "this data has no metadata: no baseline"})
     predictions, fits = baseline_predictions(store.kept, store.labels, store.classes, columns, train, splits.test)
     aucs, tests = baseline_tables(predictions, ctx.predictions(), store.classes, ctx.plan.baseline_pairs,
                                   c.analyses.level)
@@ -112,6 +109,13 @@ def run_baseline(ctx: Context) -> dict:
     write_table(out / "baseline_auc.parquet", aucs, csv=True)
     write_table(out / "baseline_tests.parquet", tests, csv=True)
     return {**record, "columns": columns}
+
+
+def _no_baseline(out: Path, record: dict) -> dict:
+    """Empty baseline tables (the report reads them as "no baseline") and the stage's ``record``."""
+    for name in ("baseline_auc", "baseline_tests"):
+        write_table(out / f"{name}.parquet", pd.DataFrame(), csv=True)
+    return record
 
 
 # ------------------------------------------------------------------------------------------ sweep
