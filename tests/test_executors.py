@@ -94,3 +94,27 @@ def test_a_failed_ray_job_is_one_line(tmp_path: Path):
         assert executor.map(divmod, [(7, 2)], name="predict") == [(3, 1)] and executor.placements[0]["attempt"] == 0
     finally:
         ray.shutdown()
+
+
+def test_models_are_grouped_as_many_as_fit_in_the_memory_budget(monkeypatch):
+    """:func:`maskaudit.predict.loaded_groups`: a group closes when the next model would pass the budget or the
+    ``at_once`` cap; a model larger than the budget still gets a group of its own."""
+    import torch
+
+    from maskaudit import predict
+    from maskaudit.executors import job_label
+
+    class Models:  # what loaded_groups asks of a Context: one model per job
+        def model(self, strategy, fold, device):
+            return torch.nn.Linear(250, 1 if strategy == "small" else 4)  # 1004 or 4016 bytes of float32
+
+    jobs = [("small", 0), ("small", 1), ("big", 0), ("small", 2)]
+    monkeypatch.setattr(predict, "memory_budget", lambda device: 5000)
+    groups = [list(g) for g in predict.loaded_groups(Models(), jobs, torch.device("cpu"))]
+    assert groups == [[("small", 0), ("small", 1)], [("big", 0)], [("small", 2)]]
+    monkeypatch.setattr(predict, "memory_budget", lambda device: 1)
+    assert [len(g) for g in predict.loaded_groups(Models(), jobs, torch.device("cpu"))] == [1, 1, 1, 1]
+    monkeypatch.setattr(predict, "memory_budget", lambda device: 1 << 40)
+    assert [len(g) for g in predict.loaded_groups(Models(), jobs, torch.device("cpu"), at_once=3)] == [3, 1]
+    assert job_label(("Audit", "/run", "predictions", tuple(jobs))) == "4 models: small fold 0 … small fold 2"
+    assert job_label(("Audit", "/run", "predictions", (("full", 1),))) == "full fold 1"

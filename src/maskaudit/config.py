@@ -328,7 +328,9 @@ class TrainConfig(Strict):
     augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    amp: bool = Field(False, description="mixed precision on CUDA")
+    amp: bool = Field(False, description="mixed precision on CUDA (bfloat16 where the GPU has it, else float16)")
+    compile: bool = Field(False, description="torch.compile the training forward (minutes of compilation per job; "
+                                             "then faster steps on a GPU)")
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -345,6 +347,8 @@ class PredictConfig(Strict):
     validation: bool = Field(True, description="also predict each fold's validation split (SPEC §5)")
     images: Literal["test", "all"] = Field(
         "test", description="the images scored: the hold-out, or (probe only: nothing was trained) every image")
+    models: int = Field(0, ge=0, description="models scored on one read of the images; 0: as many as fit in half "
+                                             "the free memory (on Ray: one per task)")
 
 
 # ---------------------------------------------------------------------------------------------- probe

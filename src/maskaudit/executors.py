@@ -47,7 +47,13 @@ CONNECT_TIMEOUT = 10.0
 
 
 def job_label(args: tuple) -> str:
-    """A job's arguments ``(..., strategy, fold)`` → ``no_roi fold 2``."""
+    """A job's arguments ``(..., strategy, fold)`` → ``no_roi fold 2``; a group's ``(..., ((strategy, fold), …))`` →
+    ``3 models: full fold 0 … no_roi fold 1``."""
+    if args and isinstance(args[-1], tuple) and args[-1] and isinstance(args[-1][0], tuple):
+        jobs = args[-1]
+        if len(jobs) == 1:
+            return job_label(jobs[0])
+        return f"{len(jobs)} models: {job_label(jobs[0])} … {job_label(jobs[-1])}"
     return f"{args[-2]} fold {args[-1]}" if len(args) >= 2 else " ".join(map(str, args))
 
 

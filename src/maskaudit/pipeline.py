@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +40,7 @@ from maskaudit.errors import MaskauditError, disk_error
 from maskaudit.executors import make_executor
 from maskaudit.lock import python_command, run_lock
 from maskaudit.metrics import MAIN, auc_by_fold, auc_matrix, delong_table, matrix_of, training_table
-from maskaudit.predict import load_trained, predict_job
+from maskaudit.predict import load_trained, predict_jobs
 from maskaudit.progress import format_duration
 from maskaudit.report.figures import auc_heatmap, save_figure
 from maskaudit.report.html import ReportView, report_inputs, write_report
@@ -270,6 +270,21 @@ class Audit:
         make_executor(self.config).map(run_job, [(type(self), str(self.run.root), part, s, k) for s, k in jobs],
                                        name=name, total=total, done=total - len(jobs))
 
+    def map_groups(self, part: str, jobs: list[tuple[str, int]]) -> None:
+        """Run part ``part`` (predictions) on the run's executor with several models per call, each call reading the
+        images once for all its models (:func:`maskaudit.predict.predict_jobs`).
+
+        ``predict.models`` models per call; 0: every job in one call locally (the call loads as many models at a
+        time as fit in memory), one per call on Ray (the cluster's workers share the jobs).
+        """
+        if not jobs:
+            return
+        at_once = self.config.predict.models or (1 if self.config.executor == "ray" else len(jobs))
+        calls = [(type(self), str(self.run.root), part, tuple(jobs[i:i + at_once]))
+                 for i in range(0, len(jobs), at_once)]
+        name = next((s.name for s in self.TABLE.values() if s.jobs == part), part)
+        make_executor(self.config).map(run_group, calls, name=name)
+
     # ------------------------------------------------------------------ stages
 
     def prepare(self, force: bool = False) -> None:
@@ -351,7 +366,7 @@ class Audit:
                 raise MaskauditError(f"untrained jobs: {', '.join(missing[:6])}…; run `maskaudit train` first")
             ctx = self.context("predict")
             todo = [(s, k) for s, k in self.jobs if force or not ctx.job_output_current(s, k, "predictions")]
-            self.map_jobs("predictions", todo, total=len(self.jobs))
+            self.map_groups("predictions", todo)
             table = pd.concat([pd.read_parquet(self.run.job(s, k) / f"{self.TABLE['predictions'].output}.parquet")
                                for s, k in self.jobs], ignore_index=True)
             write_table(self.run.predictions, table)
@@ -427,8 +442,15 @@ class Audit:
             track_job(self, strategy, fold)  # MLflow, when `tracking` is set: the finished job's folder; never raises
             return summary
         if part == "predictions":
-            return ctx.write_job_output(strategy, fold, "predictions", predict_job(ctx, strategy, fold))
+            return self.run_group(part, [(strategy, fold)])
         return JOB_WORK[part](ctx, strategy, fold)
+
+    def run_group(self, part: str, jobs: Sequence[tuple[str, int]]) -> dict:
+        """The predictions of several models, the images read once for all of them; each job's table is kept in its
+        folder as its group ends."""
+        ctx = self.context(part)
+        rows = [ctx.write_job_output(s, k, part, table)["rows"] for (s, k), table in predict_jobs(ctx, jobs)]
+        return {"rows": sum(rows), "models": len(rows)}
 
     def make_model(self, ctx: Context, strategy: str, fold: int) -> dict:
         """Train the model of (strategy, fold)."""
@@ -461,3 +483,8 @@ def run_job(kind: type[Audit], run_root: str, part: str, strategy: str, fold: in
     """One job, as a plain function of picklable arguments: the kind of audit (a class), the run directory, the
     part and the model's (strategy, fold). It reads everything else from the run directory."""
     return kind.open(Path(run_root)).run_part(part, strategy, fold)
+
+
+def run_group(kind: type[Audit], run_root: str, part: str, jobs: tuple[tuple[str, int], ...]) -> dict:
+    """:func:`run_job` for a group of models (the predictions, read once for all of them)."""
+    return kind.open(Path(run_root)).run_group(part, jobs)

@@ -14,6 +14,10 @@ folder (so a killed prediction stage resumes job by job); the run's
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -39,25 +43,31 @@ def probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(model(images).float())
 
 
-def predict_images(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
-                   spec: MaskSpec, config: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
-    """Probabilities (n_images, n_classes) of ``indices`` under each test strategy; one read per batch."""
-    model.eval()
-    out: dict[str, list[np.ndarray]] = {s: [] for s in test_strategies}
+def predict_images(models: Sequence[torch.nn.Module], store: Store, indices: np.ndarray, test_strategies: list[str],
+                   spec: MaskSpec, config: AuditConfig, device: torch.device) -> list[dict[str, np.ndarray]]:
+    """Per model, the probabilities (n_images, n_classes) of ``indices`` under each test strategy.
+
+    Each batch is read from the store once and masked once per strategy; every model scores that same tensor.
+    """
+    for model in models:
+        model.eval()
+    out: list[dict[str, list[np.ndarray]]] = [{s: [] for s in test_strategies} for _ in models]
     with torch.no_grad():
         for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for strategy in test_strategies:
-                out[strategy].append(probabilities(model, batch.masked(strategy, spec)).cpu().numpy())
-            active().step(len(batch.index))  # the stage's display counts images scored
-    n_classes = model.n_classes
-    return {s: np.concatenate(p) if p else np.zeros((0, n_classes), np.float32) for s, p in out.items()}
+                x = batch.masked(strategy, spec)
+                for scores, model in zip(out, models, strict=True):
+                    scores[strategy].append(probabilities(model, x).cpu().numpy())
+            active().step(len(batch.index) * len(models))  # the stage's display counts images·models scored
+    return [{s: np.concatenate(p) if p else np.zeros((0, model.n_classes), np.float32) for s, p in scores.items()}
+            for scores, model in zip(out, models, strict=True)]
 
 
-def predict_parts(model: torch.nn.Module, store: Store, indices: np.ndarray, test_strategies: list[str],
+def predict_parts(models: Sequence[torch.nn.Module], store: Store, indices: np.ndarray, test_strategies: list[str],
                   spec: MaskSpec, config: AuditConfig,
-                  device: torch.device) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """:func:`predict_images` over the images each strategy applies to: (indices, probabilities) per part.
+                  device: torch.device) -> list[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
+    """:func:`predict_images` over the images each strategy applies to: (indices, per-model probabilities) per part.
 
     One part when every image has its masks; else ``full`` on all of them and the masked
     strategies on those with masks (an external set with images that lack a usable mask).
@@ -65,12 +75,12 @@ def predict_parts(model: torch.nn.Module, store: Store, indices: np.ndarray, tes
     masked = store.masked[indices]
     others = [s for s in test_strategies if s != "full"]
     if masked.all() or not others:
-        return [(indices, predict_images(model, store, indices, test_strategies, spec, config, device))]
+        return [(indices, predict_images(models, store, indices, test_strategies, spec, config, device))]
     parts = []
     if "full" in test_strategies:
-        parts.append((indices, predict_images(model, store, indices, ["full"], spec, config, device)))
+        parts.append((indices, predict_images(models, store, indices, ["full"], spec, config, device)))
     if masked.any():
-        parts.append((indices[masked], predict_images(model, store, indices[masked], others, spec, config, device)))
+        parts.append((indices[masked], predict_images(models, store, indices[masked], others, spec, config, device)))
     return parts
 
 
@@ -113,7 +123,7 @@ def load_trained(config: AuditConfig, store: Store, run: RunDir, strategy: str, 
 
 def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[MaskSpec, Store]],
                      config: AuditConfig) -> int:
-    """How many images :func:`predict_job` passes through :func:`predict_images` (for the progress display)."""
+    """How many images one job's predictions pass through :func:`predict_images` (for the progress display)."""
     total = sum(len(indices) for indices in parts.values())
     for spec, ext_store in externals.values():
         strategies = scorable_strategies(config, spec)
@@ -125,30 +135,95 @@ def _images_to_score(parts: dict[str, np.ndarray], externals: dict[str, tuple[Ma
     return total
 
 
-def predict_job(ctx: Context, strategy: str, fold: int) -> pd.DataFrame:
-    """The job's model on the scored images (the hold-out; a probe: or every image), its validation fold (when the
-    plan has one) and every external image, each dataset masked by its own :class:`MaskSpec`."""
+def memory_budget(device: torch.device) -> int:
+    """Bytes of the device's memory the models scored together may take: half of what is free now (CUDA:
+    ``torch.cuda.mem_get_info``; the CPU: ``MemAvailable`` of ``/proc/meminfo``, else the free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+Job = tuple[str, int]
+
+
+def loaded_groups(ctx: Context, jobs: Sequence[Job], device: torch.device,
+                  at_once: int = 0) -> Iterator[dict[Job, torch.nn.Module]]:
+    """The jobs' models, loaded on ``device`` as many at a time as fit its :func:`memory_budget` (at most ``at_once``
+    when it is not 0; always at least one): each group is scored on one read of the images."""
+    budget, group, used = memory_budget(device), {}, 0
+    for job in jobs:
+        model = ctx.model(*job, device)
+        size = model_bytes(model)
+        if group and ((at_once and len(group) >= at_once) or used + size > budget):
+            yield group
+            group, used = {}, 0
+        group[job] = model
+        used += size
+    if group:
+        yield group
+
+
+def predict_jobs(ctx: Context, jobs: Sequence[Job]) -> Iterator[tuple[Job, pd.DataFrame]]:
+    """Each job's model on the scored images (the hold-out; a probe: or every image), its validation fold (when the
+    plan has one) and every external image, each dataset masked by its own :class:`MaskSpec`.
+
+    The models are loaded in groups (:func:`loaded_groups`, ``predict.models`` at once, 0: as many as fit); a group
+    reads each batch of the scored images and of every external set once, and the validation fold once for the
+    models of that fold, instead of once per model. Yields (job, its table) as each group ends, so that a killed
+    stage keeps the groups it finished. Every job's rows are those it would have alone: the same batches, the same
+    tensors.
+    """
     config, store, splits = ctx.config, ctx.store, ctx.splits
     device = resolve_device(config.train.device)
-    model = ctx.model(strategy, fold, device)
     externals = ctx.external_sets()
-    parts = {"test": ctx.scored_images()}
-    if config.predict.validation and ctx.plan.validation:
-        parts["val"] = splits.val(fold)
-    active().steps(_images_to_score(parts, externals, config), "images",
-                   note=f"each under {len(config.eval_strategies)} maskings")
-    frames = []
-    for split, indices in parts.items():
-        probs = predict_images(model, store, indices, config.eval_strategies, ctx.masking, config, device)
-        frames.append(long_table(probs, store, indices, store.classes, MAIN, split, strategy, fold))
-    for name, (spec, ext_store) in externals.items():
+    for name, (_, ext_store) in externals.items():
         if ext_store.channels != store.channels:
             raise MaskauditError(f"external dataset {name!r} has {ext_store.channels}-channel images, "
                                  f"the models were trained on {store.channels}")
-        for indices, probs in predict_parts(model, ext_store, np.arange(ext_store.n),
-                                            scorable_strategies(config, spec), spec, config, device):
-            frames.append(long_table(probs, ext_store, indices, store.classes, name, "external", strategy, fold))
-    table = pd.concat(frames, ignore_index=True)
-    table["label"] = table["label"].astype("float32")
-    table["probability"] = table["probability"].astype("float32")
-    return table
+    scored = ctx.scored_images()
+    validation = config.predict.validation and ctx.plan.validation
+    per_job = {job: _images_to_score({"test": scored, **({"val": splits.val(job[1])} if validation else {})},
+                                     externals, config) for job in jobs}
+    active().steps(sum(per_job.values()), "images·models",
+                   note=f"{len(jobs)} model{'s' if len(jobs) != 1 else ''}, each image under "
+                        f"{len(config.eval_strategies)} maskings")
+    for group in loaded_groups(ctx, jobs, device, config.predict.models):
+        names, models = list(group), list(group.values())
+        frames: dict[Job, list[pd.DataFrame]] = {job: [] for job in names}
+        for job, probs in zip(names, predict_images(models, store, scored, config.eval_strategies, ctx.masking,
+                                                    config, device), strict=True):
+            frames[job].append(long_table(probs, store, scored, store.classes, MAIN, "test", *job))
+        if validation:
+            for fold in sorted({k for _, k in names}):
+                members = [job for job in names if job[1] == fold]
+                val = splits.val(fold)
+                for job, probs in zip(members, predict_images([group[j] for j in members], store, val,
+                                                              config.eval_strategies, ctx.masking, config, device),
+                                      strict=True):
+                    frames[job].append(long_table(probs, store, val, store.classes, MAIN, "val", *job))
+        for name, (spec, ext_store) in externals.items():
+            for indices, per_model in predict_parts(models, ext_store, np.arange(ext_store.n),
+                                                    scorable_strategies(config, spec), spec, config, device):
+                for job, probs in zip(names, per_model, strict=True):
+                    frames[job].append(long_table(probs, ext_store, indices, store.classes, name, "external", *job))
+        for job in names:
+            table = pd.concat(frames[job], ignore_index=True)
+            table["label"] = table["label"].astype("float32")
+            table["probability"] = table["probability"].astype("float32")
+            yield job, table
+        del group, models

@@ -27,8 +27,8 @@ from pydantic import BaseModel
 #: a leaf is checked by its own name (``tests/test_stage_table.py``). ``ray`` likewise: which cluster runs the jobs
 #: and what each reserves there (:class:`maskaudit.config.RayConfig`).
 EXECUTION_KEYS = frozenset({"workers", "executor", "train.num_workers", "train.device", "predict.batch_size",
-                            "analyses.explain.batch_size", "tracking", "tracking.mlflow", "ray", "ray.address",
-                            "ray.num_cpus", "ray.num_gpus", "ray.max_retries"})
+                            "predict.models", "analyses.explain.batch_size", "tracking", "tracking.mlflow", "ray",
+                            "ray.address", "ray.num_cpus", "ray.num_gpus", "ray.max_retries"})
 
 #: A key that holds the whole config (the report shows config.yaml).
 EVERYTHING = ""
