@@ -48,6 +48,7 @@ from maskaudit.loader import batches, mask_spec  # noqa: E402
 from maskaudit.masking import apply_strategy  # noqa: E402
 from maskaudit.models import build_model  # noqa: E402
 from maskaudit.predict import predict_images  # noqa: E402
+from maskaudit.train import amp_dtype  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -65,10 +66,6 @@ def timed(step: Callable[[], int], device: torch.device, warmup: int, repeats: i
         items += step()
     _sync(device)
     return items / (time.perf_counter() - started)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
 
 
 def training_rate(arch: str, freeze: str, batch: int, size: int, amp: bool, device: torch.device, warmup: int,
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def predict() -> int:
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda"):
-                predict_images(model, store, indices, strategies, spec, config, device)
+                predict_images([model], store, indices, strategies, spec, config, device)
             return store.n * len(strategies)
         row(f"prediction, 1 model x {len(strategies)} test maskings, batch 64 (images·maskings/s)",
             timed(predict, device, 1, 1 if quick else 2), "img/s")

@@ -153,6 +153,31 @@ def test_frozen_batchnorm_still_updates_running_stats_in_train_mode() -> None:
     assert norm0.num_batches_tracked.item() == before[1].item() + 1
 
 
+@pytest.mark.parametrize("arch", ["densenet121", "resnet18"])
+def test_study_freeze_records_no_autograd_graph_through_the_frozen_trunk(arch: str) -> None:
+    """With ``freeze: study`` the training forward saves for backward only what the trainable layers need: autograd
+    records no operation before the first trainable parameter (its inputs need no gradient), so the frozen trunk's
+    activations are freed as the forward goes, not kept for a backward that never reaches them."""
+
+    def saved_bytes(model: Classifier) -> int:
+        """Bytes of activations autograd keeps for backward (the weights it keeps are not activations)."""
+        total, weights = 0, {p.data_ptr() for p in model.parameters()}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if tensor.data_ptr() not in weights:
+                total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.train()(images(n=2)).sum().backward()
+        return total
+
+    torch.manual_seed(0)
+    frozen, whole = saved_bytes(make(arch, freeze="study")), saved_bytes(make(arch, freeze="none"))
+    assert 0 < frozen < whole / 10
+
+
 def test_gray_input_equals_the_rgb_repeat(densenet: Classifier) -> None:
     rgb = make(in_channels=3).eval()
     rgb.load_state_dict(densenet.state_dict())  # the adapter has no state: the same checkpoint fits both

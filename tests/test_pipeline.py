@@ -232,6 +232,26 @@ def test_external_datasets_join_the_prediction_table(tmp_path: Path):
     assert "external: other" in (out / "report.html").read_text()
 
 
+def test_models_scored_on_one_read_predict_what_each_alone_does(tmp_path: Path):
+    """``predict.models``: 4 models on one read of each batch, in groups of 3 (a group across two folds, then one
+    alone) and one at a time give the same table, row for row and bit for bit, hold-out, validation and external."""
+    from maskaudit.pipeline import Audit
+
+    other = {"source": "synthetic", "kind": "cxr", "n_patients": 6, "images_per_patient": [1, 1],
+             "classes": {"opacity": {"signal": "roi"}}}
+    config = {**TINY, "strategies": ["full", "only_roi"], "external": [{"name": "other", "data": other}]}
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    together = pd.read_parquet(out / "predictions.parquet")
+    assert set(together["split"]) == {"test", "val", "external"}
+    for at_once in (3, 1):
+        _write(tmp_path, {**config, "predict": {"models": at_once}})
+        _cli("predict", "--config", str(tmp_path / "audit.yaml"), "--out", str(out), "--force")
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), together)
+    audit = Audit.open(out)
+    assert audit.is_done("predict") and audit.is_done("metrics")  # predict.models changes no fingerprint
+
+
 def test_external_data_without_masks_is_scored_full_only(tmp_path: Path, cxr_dir: Path):
     data = {"source": "folder", "labels_csv": str(cxr_dir / "labels.csv"), "patient_column": "patient_id",
             "id_column": "image_id", "classes": ["covid"]}
@@ -307,3 +327,22 @@ def test_monitor_val_auc_and_min_epochs_reach_training(tmp_path: Path):
         best = job["best_val_auc"][name]
         assert best["auc"] == pytest.approx(history[f"val_auc_{name}"].max())
         assert history[f"val_auc_{name}"][best["epoch"]] == pytest.approx(best["auc"])
+
+
+def test_a_compiled_training_forward_trains_the_same_model(tmp_path: Path):
+    """``train.compile``: the job trains through ``torch.compile`` (Inductor, here on the CPU) and keeps the plain
+    module's weights (no ``_orig_mod.`` keys): its predictions match the eager job's to float rounding."""
+    import shutil
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C compiler")
+    base = {**TINY, "strategies": ["full"], "folds": 2, "train": {**TINY["train"], "epochs": 1}}
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile_{compiled}"
+        _cli("run", str(_write(tmp_path, {**base, "train": {**base["train"], "compile": compiled}})), "--out", str(out))
+        runs[compiled] = pd.read_parquet(out / "predictions.parquet")
+    state = __import__("torch").load(tmp_path / "compile_True" / "jobs" / "full" / "fold_0" / "model.pt")
+    assert not any(key.startswith("_orig_mod.") for key in state)
+    a, b = runs[False]["probability"].to_numpy(), runs[True]["probability"].to_numpy()
+    assert abs(a - b).max() < 1e-3

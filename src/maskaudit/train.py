@@ -1,6 +1,6 @@
 """One job: a model trained under one masking strategy on one fold (SPEC §4).
 
-Adam, ``BCEWithLogitsLoss``, early stopping on the validation loss (the counter grows while
+Adam (fused: :func:`adam`), ``BCEWithLogitsLoss``, early stopping on the validation loss (the counter grows while
 ``val_loss + min_delta > best``; the weights of the best validation loss are kept), or with
 ``train.monitor: val_auc`` on the mean validation AUC over the classes, and never before
 ``train.min_epochs``; ``job.json`` also keeps each class's best validation AUC and its epoch. Batches
@@ -111,9 +111,25 @@ def _evaluate(model: Classifier, store: Store, indices: np.ndarray, strategy: st
     return total / n_values, np.concatenate(probs), np.concatenate(labels)
 
 
+def adam(params: list[nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """The study's optimiser (Adam, PyTorch's defaults but the learning rate) with its fused kernel: one kernel updates
+    every parameter, instead of a loop of a few small kernels per parameter tensor, which at the study's batch of 2
+    costs as much as the backward pass (``benchmarks/bench_job.py``). The same update up to floating-point rounding
+    (https://pytorch.org/docs/stable/generated/torch.optim.Adam.html: ``fused``, CPU and CUDA since PyTorch 2.4)."""
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision's type on ``device``: bfloat16 where the GPU computes in it (Ampere and later: fp32's range, so
+    no loss scaling), else float16 with :class:`torch.amp.GradScaler`."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                          enabled=amp and device.type == "cuda")
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp and device.type == "cuda")
 
 
 def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec, strategy: str, fold: int,
@@ -144,8 +160,12 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=t.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda")
+    optimizer = adam(params, t.lr, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for the job's fixed input size
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda"
+                                  and amp_dtype(device) == torch.float16)
+    forward = torch.compile(model) if t.compile else model  # the same module's weights: model.state_dict() as ever
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     stopper = EarlyStopping(t.patience, t.min_delta, higher=t.monitor == "val_auc", min_epochs=t.min_epochs)
     state = JobState()
@@ -176,7 +196,7 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, t.amp):
-                loss = loss_fn(model(x).float(), batch.labels).mean()
+                loss = loss_fn(forward(x).float(), batch.labels).mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
