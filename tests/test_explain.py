@@ -91,6 +91,36 @@ def test_partition_is_deterministic_and_independent_of_the_other_images() -> Non
     np.testing.assert_array_equal(first[2:], alone)
 
 
+def test_a_reused_explainer_gives_what_a_fresh_one_gives() -> None:
+    """The Partition explainer is kept between calls (its masks take seconds at 512 px), never its model: model B
+    after model A (another class, another fully masked value) gives exactly B's result on a fresh explainer."""
+    from maskaudit.analyses import explain as module
+
+    for channels, masker in ((1, "zero"), (3, "blur"), (1, "0.5")):
+        x = images(2, channels)
+        a, b = small_cnn(channels), SquareMean()
+        explain(a, x, 0, masker=masker, max_evals=80, batch_size=16)
+        reused = explain(b, x, 1, masker=masker, max_evals=80, batch_size=16)
+        module._IDLE_EXPLAINERS.clear()
+        fresh = explain(b, x, 1, masker=masker, max_evals=80, batch_size=16)
+        np.testing.assert_array_equal(reused, fresh)
+
+
+@pytest.mark.parametrize("masker", ["zero", "0.5", "blur(4,6)"])
+def test_the_fast_masker_masks_as_shap_s_image_masker(masker: str) -> None:
+    """maskaudit's subclass of ``shap.maskers.Image`` returns shap's own masked samples, bit for bit."""
+    import shap
+
+    shape = (S, S, 3)
+    ours, _ = image_masker(masker, shape)
+    theirs = shap.maskers.Image(ours.mask_value, shape)
+    rng = np.random.default_rng(0)
+    x = rng.random(shape, dtype=np.float32)
+    for _ in range(3):
+        mask = rng.random(x.size) < 0.5
+        np.testing.assert_array_equal(ours(mask, x)[0], theirs(mask, x)[0])
+
+
 @pytest.mark.parametrize(("channels", "same_as"), [(1, "zero"), (3, "blur")])
 def test_auto_masker_is_zero_for_gray_and_blur_for_rgb(channels: int, same_as: str) -> None:
     model, x = small_cnn(channels), images(1, channels)

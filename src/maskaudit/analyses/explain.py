@@ -22,7 +22,9 @@ The model is left as it was found: its per-module train/eval flags, the torch gr
 global random state (which SHAP's explainers use) are restored afterwards, and the gradient methods
 run on a deep copy, so SHAP's hooks and the tensors it attaches to modules never reach the caller's model.
 Each image is explained on its own with the random state seeded by ``seed``, so an image's map does
-not depend on the other images of the call.
+not depend on the other images of the call (nor on earlier calls: ``partition`` keeps its explainer, whose
+masks take seconds to build at 512 px, for the next call with the same masker and image size, but not the
+model, and it evaluates the fully masked image afresh for every image).
 
 :func:`attribution_in_roi` turns maps into SPEC §8's numbers, and :func:`attribution_panels` draws
 them (image, ROI outline, attribution overlay).
@@ -31,6 +33,7 @@ them (image, ROI outline, attribution overlay).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import re
@@ -264,7 +267,8 @@ def image_masker(masker: str, shape: tuple[int, int, int]) -> tuple[object, floa
     Returns
     -------
     shap.maskers.Image
-        The masker.
+        The masker (a subclass that masks constant fills and blurs faster, with the same values:
+        :func:`_fast_image_masker`).
     float
         What the images are multiplied by before masking: 255 for OpenCV inpainting (8-bit images),
         else 1. The model function divides by it again.
@@ -275,32 +279,106 @@ def image_masker(masker: str, shape: tuple[int, int, int]) -> tuple[object, floa
         For a value that is none of :data:`MASKERS`, ``blur(kx,ky)`` with positive kernel sizes, or a
         finite number.
     """
-    import shap
-
+    image = _fast_image_masker()
     height, width, channels = shape
     name = masker.strip() if isinstance(masker, str) else masker
     if name == "auto":
         name = "zero" if channels == 1 else "blur"
     if name == "zero":
-        return shap.maskers.Image(0.0, shape), 1.0
+        return image(0.0, shape), 1.0
     if name == "blur":
         name = f"blur({width},{height})"  # cv2.blur's kernel is (width, height)
     if isinstance(name, str):
         match = _BLUR.match(name)
         if match and int(match.group(1)) > 0 and int(match.group(2)) > 0:
-            return shap.maskers.Image(f"blur({int(match.group(1))},{int(match.group(2))})", shape), 1.0
+            return image(f"blur({int(match.group(1))},{int(match.group(2))})", shape), 1.0
         if name in ("inpaint_telea", "inpaint_ns"):
-            return shap.maskers.Image(name, shape), 255.0
+            return image(name, shape), 255.0
         try:
             value = float(name)
         except ValueError:
             value = math.nan
         if math.isfinite(value):
-            return shap.maskers.Image(value, shape), 1.0
+            return image(value, shape), 1.0
     raise MaskauditError(
         f"unknown masker {masker!r}; use one of {', '.join(MASKERS)}, 'blur(kx,ky)' with positive kernel "
         "sizes, or a constant fill value such as '0.5'"
     )
+
+
+@functools.cache
+def _fast_image_masker() -> type:
+    """``shap.maskers.Image`` with a faster ``__call__`` for constant fills and blurs (built on first use:
+    importing shap is slow).
+
+    shap's masker copies the image and assigns the fill through two boolean indexings per masked sample
+    (``out[~mask] = fill[~mask]``, the fill in float64), and keys its blur cache on ``id()`` of a
+    temporary view, so the image's blur may be recomputed for every sample. This one selects with one
+    ``np.where`` against the fill in the image's dtype (the values shap's assignment casts to) and blurs
+    each image once, keyed on the image object itself (held, so that its id cannot be reused): the
+    masked samples are bit for bit shap's. Inpainting, tensors and other inputs go to shap's own code.
+
+    ``fixed_background`` is off, so that the Partition explainer evaluates the fully masked image for
+    every image instead of keeping the first image's value for the explainer's lifetime: the same
+    value for a constant fill (one forward of one image more per image), and no value of another model
+    can be reused when :func:`_partition` reuses an explainer.
+    """
+    import shap
+
+    class FastImage(shap.maskers.Image):
+        def __init__(self, mask_value: object, shape: tuple[int, ...] | None = None) -> None:
+            super().__init__(mask_value, shape)
+            self.fixed_background = False
+            self._fills: dict[np.dtype, np.ndarray] = {}
+            self._blurred: tuple[np.ndarray, np.ndarray] | None = None  # (image, its blur)
+
+        def __call__(self, mask: object, x: object) -> tuple[np.ndarray]:
+            fast = (
+                isinstance(x, np.ndarray)
+                and isinstance(mask, np.ndarray)
+                and mask.dtype == bool
+                and mask.shape == (x.size,)
+                and x.size == self.shape[1]
+                and (self.blur_kernel is not None or not isinstance(self.mask_value, str))
+            )
+            if not fast:
+                return super().__call__(mask, x)
+            fill = self._fill(x)
+            out = np.where(mask, x.reshape(-1), fill)
+            return (out.reshape(1, *x.shape),)
+
+        def _fill(self, x: np.ndarray) -> np.ndarray:
+            if self.blur_kernel is not None:
+                if self._blurred is None or self._blurred[0] is not x:
+                    import cv2
+
+                    blurred = cv2.blur(x.reshape(self.input_shape), self.blur_kernel).ravel()
+                    self._blurred = (x, blurred)
+                return self._blurred[1]
+            fill = self._fills.get(x.dtype)
+            if fill is None:
+                fill = self._fills[x.dtype] = np.asarray(self.mask_value).astype(x.dtype)
+            return fill
+
+    return FastImage
+
+
+class _ModelSlot:
+    """The model function of a reusable explainer: SHAP holds the slot, each call sets its ``fn``."""
+
+    fn: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        assert self.fn is not None, "explainer used outside _partition"
+        return self.fn(batch)
+
+
+#: The last idle Partition explainer, by (masker, image shape): building one (the masker's partition tree
+#: and the explainer's mask matrix) takes seconds at 512 px (about 1 s gray, 6 s RGB), once per call of
+#: :func:`explain`. A call takes it out while it runs (a concurrent call builds its own) and leaves it
+#: here afterwards, without the model. Holds the masks of one image size (about 40 MB gray, 150 MB RGB
+#: at 512 px).
+_IDLE_EXPLAINERS: dict[tuple[str, tuple[int, int, int]], tuple[object, _ModelSlot, float]] = {}
 
 
 def _logit_function(
@@ -336,20 +414,35 @@ def _partition(
 
     n, channels, height, width = images.shape
     shape = (height, width, channels)
-    image_masker_, scale = image_masker(masker, shape)
-    fn = _logit_function(model, class_index, images.device, batch_size, shape, scale)
-    explainer = shap.Explainer(fn, image_masker_, algorithm="partition")
-    hwc = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32) * np.float32(scale)
+    key = (masker, shape)
+    idle = _IDLE_EXPLAINERS.pop(key, None)
+    if idle is None:
+        image_masker_, scale = image_masker(masker, shape)
+        slot = _ModelSlot()
+        explainer = shap.Explainer(slot, image_masker_, algorithm="partition")
+    else:
+        explainer, slot, scale = idle
+    slot.fn = _logit_function(model, class_index, images.device, batch_size, shape, scale)
+    # C-contiguous HWC: the masker flattens each image for every masked sample (a copy if it is not).
+    hwc = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy(), dtype=np.float32)
+    if scale != 1.0:
+        hwc *= np.float32(scale)
     out = np.empty((n, channels, height, width), dtype=np.float64)
-    for i in range(n):
-        # shap's blur masker caches the blurred image under id() of a temporary view, which can be
-        # reused by the next image's view: forget it between images.
-        image_masker_.last_xid = None
-        np.random.seed(seed)  # the Partition explainer breaks ties with np.random
-        explanation = explainer(hwc[i : i + 1], max_evals=max_evals, batch_size=batch_size, silent=True)
-        values = np.asarray(explanation.values, dtype=np.float64).reshape(1, height, width, channels)
-        out[i] = values[0].transpose(2, 0, 1)
-        active().step()
+    try:
+        for i in range(n):
+            # shap's own blur code (which the masker falls back to for inputs it does not take) caches the
+            # blurred image under id() of a temporary view, which the next image's view can reuse: forget it.
+            explainer.masker.last_xid = None
+            np.random.seed(seed)  # the Partition explainer breaks ties with np.random
+            explanation = explainer(hwc[i : i + 1], max_evals=max_evals, batch_size=batch_size, silent=True)
+            values = np.asarray(explanation.values, dtype=np.float64).reshape(1, height, width, channels)
+            out[i] = values[0].transpose(2, 0, 1)
+            active().step()
+    finally:
+        slot.fn = None  # the model is not kept
+        explainer.masker._blurred = None
+    _IDLE_EXPLAINERS.clear()
+    _IDLE_EXPLAINERS[key] = (explainer, slot, scale)
     return out
 
 
