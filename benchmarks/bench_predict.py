@@ -1,6 +1,6 @@
 """The predict stage against a bare forward pass (issue 15, part 2): what reading, masking and keeping the scores cost.
 
-Run: ``python benchmarks/bench_predict.py [--models 5] [--images 256] [--size 128] [--arch resnet18]
+Run: ``python benchmarks/bench_predict.py [--models 3] [--images 128] [--size 128] [--arch resnet18]
 [--repeats 3] [--device cpu]``; ``--quick``: 3 small models on 64 images of 64 px. One process, one prepared store
 of synthetic chest X-rays (lungs), ``--models`` freshly initialised models (the folds of one strategy), the test
 strategies ``full``, ``no_roi``, ``only_roi``, ``no_roi_bbox`` and ``only_roi_bbox``, batch 32. Three ways, each
@@ -47,8 +47,8 @@ STRATEGIES = ["full", "no_roi", "only_roi", "no_roi_bbox", "only_roi_bbox"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 small models, 64 images of 64 px")
-    parser.add_argument("--models", type=int, default=5)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--repeats", type=int, default=3)

@@ -5,8 +5,9 @@ Run on a CUDA machine through ``benchmarks/gpu_check.sh`` (which runs the CUDA-o
 warm-up steps, with ``torch.cuda.synchronize()`` around the clock on CUDA:
 
 1. DenseNet-121 at 512 px, training steps (forward, BCE loss, backward, Adam step), images/s: the study's setting
-   (batch 2, fp32, ``freeze: study``), then batch 32 and 64 with AMP (bf16 where the GPU supports it, else fp16)
-   and channels_last, ``freeze: none``.
+   (batch 2, fp32, ``freeze: study``), alone and as 4 such jobs at once, each its own process (what
+   ``ray.num_gpus: 0.25`` does; their summed images/s), then batch 32 and 64 with AMP (bf16 where the GPU
+   supports it, else fp16) and channels_last, ``freeze: none``.
 2. The loader: images/s of :func:`maskaudit.loader.batches` from a 512-px prepared store of synthetic chest
    X-rays (lungs and heart), batch 32, with 0, 4 and 8 worker processes.
 3. Masking and augmentation on the device: images/s of ``no_roi_bbox`` masking plus the study's augmentation
@@ -17,12 +18,14 @@ warm-up steps, with ``torch.cuda.synchronize()`` around the clock on CUDA:
 
 ``--quick`` shrinks everything (64 px, few steps, small_cnn instead of DenseNet-121 for the training rows) so
 that the script itself can be smoke-tested on a CPU; its numbers then mean nothing. The last line is
-``gpu_check: <training img/s at batch 64 AMP> img/s``.
+``gpu_check: <training img/s at batch 64 AMP> img/s``; ``--json FILE`` also writes the rates for
+``benchmarks/projection.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -96,6 +99,24 @@ def training_rate(arch: str, freeze: str, batch: int, size: int, amp: bool, devi
     return timed(step, device, warmup, repeats)
 
 
+def _packed_rate(args: tuple) -> float:
+    """One of the packed jobs (a spawned process): its training images/s, timed after the others are ready."""
+    barrier, arch, size, device, warmup, repeats = args
+    barrier.wait()
+    return training_rate(arch, "study", 2, size, False, torch.device(device), warmup, repeats)
+
+
+def packed_training_rate(jobs: int, arch: str, size: int, device: torch.device, warmup: int, repeats: int) -> float:
+    """Training images/s of ``jobs`` batch-2 jobs at once on one device, each its own process (as Ray's fractional
+    ``ray.num_gpus`` places them): the sum of their rates, started together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(jobs) as pool:
+        barrier = manager.Barrier(jobs)
+        return sum(pool.map(_packed_rate, [(barrier, arch, size, str(device), warmup, repeats)] * jobs))
+
+
 def make_store(root: Path, n_images: int, size: int):
     """A prepared store of ``n_images`` synthetic chest X-rays at ``size`` px with lungs and heart."""
     config = config_from_dict({
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to smoke-test the script on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=512, help="images in the 512-px store (loader, prediction)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the rates here, for benchmarks/projection.py")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick
@@ -126,19 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         name = "CPU"
     rows: list[tuple[str, str]] = []
+    rates: dict[str, float] = {"image_size": size}
 
-    def row(label: str, value: float, unit: str) -> None:
+    def row(label: str, value: float, unit: str, key: str | None = None) -> None:
         rows.append((label, f"{value:,.1f} {unit}"))
         print(f"{label}: {value:,.1f} {unit}", flush=True)
+        if key:
+            rates[key] = value
 
     row(f"{arch} {size} px training, batch 2, fp32, freeze study",
-        training_rate(arch, "study", 2, size, False, device, warmup, repeats), "img/s")
+        training_rate(arch, "study", 2, size, False, device, warmup, repeats), "img/s", "train_batch2")
+    packed = 2 if quick else 4
+    row(f"{arch} {size} px training, batch 2, fp32, freeze study, {packed} jobs at once (one process each; "
+        f"ray.num_gpus: {1 / packed:g})", packed_training_rate(packed, arch, size, device, warmup, repeats), "img/s",
+        "train_batch2_packed")
+    rates["packed_jobs"] = packed
     best = 0.0
     for batch in (32, 64):
         rate = training_rate(arch, "none", batch if not quick else 8, size, True, device, warmup, repeats)
         best = rate
         row(f"{arch} {size} px training, batch {batch if not quick else 8}, AMP {str(amp_dtype(device))[6:]} + "
-            "channels_last, freeze none", rate, "img/s")
+            "channels_last, freeze none", rate, "img/s", f"train_amp_batch{batch}")
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -177,18 +208,20 @@ def main(argv: list[str] | None = None) -> int:
                 predict_images([model], store, indices, strategies, spec, config, device)
             return store.n * len(strategies)
         row(f"prediction, 1 model x {len(strategies)} test maskings, batch 64 (images·maskings/s)",
-            timed(predict, device, 1, 1 if quick else 2), "img/s")
+            timed(predict, device, 1, 1 if quick else 2), "img/s", "predict")
 
         image = batch.images[:1]
         started = time.perf_counter()
         explain(model, image, 0, "partition", max_evals=100 if quick else 1000, batch_size=50)
         _sync(device)
         row(f"SHAP Partition, max_evals {100 if quick else 1000}, batch_size 50", time.perf_counter() - started,
-            "s/image")
+            "s/image", "shap_seconds")
 
     print(f"\n| {name} | |\n|---|---|")
     for label, value in rows:
         print(f"| {label} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, **rates}, indent=1))
     print(f"\ngpu_check: {best:.1f} img/s")
     return 0
 
