@@ -76,6 +76,20 @@ def test_a_ray_address_where_nothing_answers_is_one_line_naming_it():
     assert f"ray start --head --port={port}" in text and not ray.is_initialized()
 
 
+def test_a_run_with_a_dead_ray_address_stops_before_preparing(tmp_path: Path):
+    """`maskaudit run` connects to the cluster first: a wrong ``ray.address`` is its one line before any stage ran."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg, out = tmp_path / "audit.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump({**TINY, "executor": "ray", "ray": {"address": f"127.0.0.1:{port}"}}))
+    result = CliRunner().invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert result.exit_code != 0 and f"nothing answers at 127.0.0.1:{port}" in result.output
+    assert not (out / "prepared").exists() and not ray.is_initialized()
+
+
 @pytest.mark.slow
 def test_a_failed_ray_job_is_one_line(tmp_path: Path):
     if ray.is_initialized():

@@ -424,6 +424,8 @@ class Audit:
         """Every stage of :attr:`FLOW` in order, under the run directory's writer lock (:mod:`maskaudit.lock`;
         re-entrant: the CLI holds it already)."""
         with run_lock(self.run.root, python_command("Audit.run_all")):
+            if self.config.executor == "ray":
+                make_executor(self.config)  # connect now: a wrong ray.address is one line before, not after, prepare
             for stage in self.FLOW:
                 if stage in ANALYSES:
                     if stage in self.config.analyses.run:
