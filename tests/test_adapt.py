@@ -105,6 +105,10 @@ def test_adapted_models_are_rows_of_the_prediction_table_and_train_as_jobs(adapt
     assert not (adapted / "jobs" / "my-classifier" / "fold_0" / "model.pt").exists()  # the probed model: given
     stages = json.loads((adapted / "stages.json").read_text())
     assert stages["adapt"]["jobs"] == 3 and "train" not in stages
+    from maskaudit.runstatus import run_status
+
+    shown = {stage.name: stage.state for stage in run_status(adapted).stages}
+    assert shown["adapt"] == "done" and "train" not in shown  # `maskaudit status` lists the probe's training
     training = pd.read_parquet(adapted / "metrics" / "training.parquet")
     assert set(training["train_strategy"]) == {"my-classifier+no_roi_bbox", "my-classifier+only_roi", "roi_shape"}
     html = (adapted / "report.html").read_text()

@@ -49,7 +49,8 @@ from maskaudit.rundir import RunDir
 DEPENDS: dict[str, tuple[str, ...]] = {
     "split": ("prepare",),
     "train": ("split",),
-    "predict": ("train", "split"),
+    "adapt": ("split",),
+    "predict": ("train", "adapt", "split"),
     "metrics": ("predict",),
     **{name: ("predict", "metrics") for name in ANALYSES if name != "verdict"},
     "verdict": ("metrics", "baseline", "explain", "localize"),
@@ -281,7 +282,9 @@ def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jo
     finished = {name: _finished(rec) for name, rec in records.items()}
     config_time = _mtime(run.config)
     out = []
-    for index, name in enumerate(STAGES):
+    adapts = probe and bool(((config or {}).get("adapt") or {}).get("strategies"))
+    stages = tuple("adapt" if name == "train" and adapts else name for name in STAGES)  # a probe's only training
+    for index, name in enumerate(stages):
         record = records.get(name)
         if record is None:
             out.append(_not_done(run, name, jobs, grid, probe, selected))
@@ -290,7 +293,7 @@ def _stage_states(run: RunDir, config: dict | None, records: dict[str, dict], jo
         notes = []
         if name in ANALYSES and name not in selected:
             notes.append("no longer in analyses.run")
-        later = [finished[s] for s in STAGES[index + 1:] if finished.get(s) is not None]
+        later = [finished[s] for s in stages[index + 1:] if finished.get(s) is not None]
         if (when is not None and config_time is not None and (config_time - when).total_seconds() > 2
                 and not any(t >= config_time for t in later)):
             notes.append("may be stale: config.yaml changed after it finished")
