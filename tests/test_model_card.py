@@ -143,6 +143,10 @@ def test_a_probe_card_has_a_block_per_probed_model(run: Path, tmp_path: Path):
     assert "probe scored the models `xrv_a`, `xrv_b`" in markdown
     assert "Model `xrv_a`:" in markdown and "Model `xrv_b`:" in markdown
     assert "| model | class | verdict |" in markdown and "A probe trains nothing on masked images" in markdown
+    facts["adapted"] = {"strategies": ["only_roi", "roi_shape"], "layers": "last_block", "epochs": 4}
+    adapted = card_markdown(facts)  # with `adapt`, the card says what the fine-tuned copies add
+    assert "A probe trains nothing" not in adapted and "fine-tuned a copy of each model on masked images " \
+        "(`only_roi`, `roi_shape`; `adapt`, layers `last_block`, at most 4 epochs)" in adapted
 
 
 def test_every_verdict_has_a_recommendation():

@@ -230,6 +230,8 @@ def card_facts(run: RunDir) -> dict:
         "written": datetime.now(UTC).isoformat(timespec="seconds"), "maskaudit": __version__,
         "models": _models(config), "roi": roi, "spread": config.spread, "fill": config.fill,
         "strategies": list(config.strategies) if config.kind != "probe" else [],
+        "adapted": ({"strategies": list(config.adapt.strategies), "layers": config.adapt.layers,
+                     "epochs": config.adapt.epochs} if config.kind == "probe" and config.adapt.strategies else None),
         "test_strategies": config.eval_strategies, "folds": config.folds, "image_size": config.image_size,
         "rules": {"min_auc": rules.min_auc, "alpha": rules.alpha},
         "baseline": {"columns": baseline_record.get("columns"), "status": baseline_record.get("status"),
@@ -279,7 +281,16 @@ def _bias_section(facts: dict) -> list[str]:
               "the ROI, in its outline, in metadata), not whether the model is accurate or safe enough for clinical "
               "use; a verdict holds within the precision of its intervals, which are wide for a class with few "
               "hold-out images."]
-    if probe:
+    adapted = facts.get("adapted")
+    if probe and adapted:
+        maskings = ", ".join(f"`{s}`" for s in adapted["strategies"])
+        lines += ["", f"This probe also fine-tuned a copy of each model on masked images ({maskings}; `adapt`, "
+                      f"layers `{adapted['layers']}`, at most {adapted['epochs']} epochs) and read its verdicts from "
+                      "those copies first: signal lost under one of these maskings is evidence, as in a full audit "
+                      "(`maskaudit run`), for what a copy could learn from the model's own weights. Under the maskings "
+                      "not adapted, signal lost may only mean that the masked images are unlike anything the model "
+                      "saw."]
+    elif probe:
         lines += ["", "A probe trains nothing on masked images: signal that survives masking is evidence, but signal "
                       "lost under masking may only mean that the masked images are unlike anything the model saw, so "
                       "\"relies on the ROI\" and \"unclear\" are weaker than in a full audit (`maskaudit run`), which "
