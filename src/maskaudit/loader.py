@@ -132,8 +132,7 @@ class _StoreRows(Dataset):
         if self.key is not None:
             packed = np.asarray(self.store.packed_masks(self.key)[sorted_idx])[inverse]
             if self.unpack:
-                size = self.store.image_size
-                rows["roi"] = torch.from_numpy(np.unpackbits(packed, axis=-1, count=size).view(bool)[:, None])
+                rows["roi"] = torch.from_numpy(self.store.unpack(packed)[:, None])
             else:
                 rows["mask"] = torch.from_numpy(packed)
         return rows

@@ -894,8 +894,7 @@ def prepare_store(
         "metadata_columns": metadata_columns,
     }  # fmt: skip
     fingerprint.update(json.dumps(meta, sort_keys=True).encode())
-    for start in range(0, len(manifest), 8192):  # the manifest's CSV, a slice at a time: the same bytes, less memory
-        fingerprint.update(manifest.iloc[start : start + 8192].to_csv(index=False, header=start == 0).encode())
+    fingerprint.update(manifest.to_csv(index=False).encode())
     fingerprint.update(np.ascontiguousarray(slots.digests[kept_slots]).tobytes())
     slots.close()
     write_json(
@@ -912,7 +911,10 @@ def prepare_store(
         },
     )
     shutil.rmtree(out / WORK, ignore_errors=True)
-    del manifest, items, candidates, slot_of, first_seen, position_of, index_of  # before the store reads its own
+    # the bookkeeping goes before the store reads its own; first_row's two (it is not called again) are emptied
+    del manifest, items, slot_of, first_seen, index_of
+    candidates.clear()
+    position_of.clear()
     return Store.open(out)
 
 
@@ -1038,8 +1040,12 @@ class Store:
 
     def masks(self, roi_key: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """The masks of a ROI key at ``rows``, unpacked: (len(rows), S, S) bool."""
-        packed = np.asarray(self.packed_masks(roi_key)[rows])
-        return np.unpackbits(packed, axis=-1, count=self.image_size).astype(bool)
+        return self.unpack(np.asarray(self.packed_masks(roi_key)[rows]))
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """Bit-packed masks (..., S, ceil(S / 8)) uint8, as :meth:`packed_masks` holds them, unpacked: (..., S, S)
+        bool (a new array)."""
+        return np.unpackbits(packed, axis=-1, count=self.image_size).view(bool)
 
     def counts(self) -> pd.DataFrame:
         """Rows kept and rejected, per kind of reason: columns ``status``, ``reason``, ``count``
