@@ -77,7 +77,8 @@ def audit_config(args: argparse.Namespace, **train: object) -> dict:
 
 def study_job(audit: Audit, fold: int, args: argparse.Namespace) -> tuple[float, float, int]:
     """One job as the study's code trains it; (seconds, test AUC, training images)."""
-    config, store, splits = audit.config, audit.context("train").store, audit.context("train").splits
+    ctx = audit.context("train")
+    config, store, splits = audit.config, ctx.store, ctx.splits
     files = store.kept.reset_index(drop=True)
     root = args.data
 
@@ -155,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     os.environ.setdefault("MASKAUDIT_PROGRESS", "off")
     folds = list(range(args.folds))
-    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_job_") as tmp:
         tmp = Path(tmp)
         b_seconds, b_aucs, images = maskaudit_grid(tmp / "b", audit_config(args), folds)

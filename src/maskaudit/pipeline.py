@@ -265,10 +265,13 @@ class Audit:
 
     def map_jobs(self, part: str, jobs: list[tuple[str, int]], total: int | None = None) -> None:
         """Run part ``part`` for each (strategy, fold) of ``jobs`` on the run's executor."""
-        name = next((s.name for s in self.TABLE.values() if s.jobs == part), part)  # the stage it shows under
         total = len(jobs) if total is None else total
         make_executor(self.config).map(run_job, [(type(self), str(self.run.root), part, s, k) for s, k in jobs],
-                                       name=name, total=total, done=total - len(jobs))
+                                       name=self._shown_as(part), total=total, done=total - len(jobs))
+
+    def _shown_as(self, part: str) -> str:
+        """The stage a per-model part's jobs show under (``predictions`` → ``predict``)."""
+        return next((s.name for s in self.TABLE.values() if s.jobs == part), part)
 
     def map_groups(self, part: str, jobs: list[tuple[str, int]]) -> None:
         """Run part ``part`` (predictions) on the run's executor with several models per call, each call reading the
@@ -282,8 +285,7 @@ class Audit:
         at_once = self.config.predict.models or (1 if self.config.executor == "ray" else len(jobs))
         calls = [(type(self), str(self.run.root), part, tuple(jobs[i:i + at_once]))
                  for i in range(0, len(jobs), at_once)]
-        name = next((s.name for s in self.TABLE.values() if s.jobs == part), part)
-        make_executor(self.config).map(run_group, calls, name=name)
+        make_executor(self.config).map(run_group, calls, name=self._shown_as(part))
 
     # ------------------------------------------------------------------ stages
 

@@ -197,9 +197,9 @@ def predict_jobs(ctx: Context, jobs: Sequence[Job]) -> Iterator[tuple[Job, pd.Da
                                  f"the models were trained on {store.channels}")
     scored = ctx.scored_images()
     validation = config.predict.validation and ctx.plan.validation
-    per_job = {job: _images_to_score({"test": scored, **({"val": splits.val(job[1])} if validation else {})},
-                                     externals, config) for job in jobs}
-    active().steps(sum(per_job.values()), "images·models",
+    to_score = sum(_images_to_score({"test": scored, **({"val": splits.val(k)} if validation else {})}, externals,
+                                    config) for _, k in jobs)
+    active().steps(to_score, "images·models",
                    note=f"{len(jobs)} model{'s' if len(jobs) != 1 else ''}, each image under "
                         f"{len(config.eval_strategies)} maskings")
     for group in loaded_groups(ctx, jobs, device, config.predict.models):
