@@ -13,9 +13,11 @@ larger than the epochs), the same initial weights (each job's seed).
     default Adam (a loop over the parameter tensors on the CPU), the jobs one after the other.
 (b) maskaudit at the same settings: ``Audit.train`` on the local executor (jobs one after the other): the store
     read per batch, masking on tensors, shuffled batches, the fused Adam (:func:`maskaudit.train.adam`).
-(c) maskaudit at batch 2 with the grid packed: ``executor: ray`` with ``ray.num_cpus: 1``, so that a 2-core
-    machine trains two jobs at once (on a GPU: ``ray.num_gpus: 0.25`` runs four); each job is the same job.
+(c) maskaudit at batch 2 with the grid packed: ``local.jobs: 2``, two jobs at once in processes of their own with
+    one torch thread each (on a GPU: ``local.jobs: 4`` runs four on it); each job is the same job.
 (d) one job at maskaudit's fast settings for a CPU: batch 16, the learning rate scaled by sqrt(16 / 2).
+(e) (not with ``--quick``) the grid packed on Ray: ``executor: ray`` with ``ray.num_cpus: 1`` on a Ray started
+    before the clock (a cluster is up before its jobs), two jobs at once.
 
 Prints, per way: seconds of training, training images/s and the mean test AUC of its folds (each fold's kept
 weights on the hold-out set under the strategy), one job's ratio (a)/(b), and the grid's ratio (a)/(c) as the last
@@ -162,19 +164,28 @@ def main(argv: list[str] | None = None) -> int:
         audit = Audit.open(tmp / "b")
         study = [study_job(audit, k, args) for k in folds]
         a_seconds, a_aucs = sum(s for s, _, _ in study), [auc for _, auc, _ in study]
-        c_seconds, c_aucs, _ = maskaudit_grid(tmp / "c", {**audit_config(args), "executor": "ray",
-                                                          "ray": {"num_cpus": 1}}, folds)
+        c_seconds, c_aucs, _ = maskaudit_grid(tmp / "c", {**audit_config(args), "local": {"jobs": 2}}, folds)
         d_seconds, d_aucs, d_images = maskaudit_grid(tmp / "d", audit_config(args, batch_size=16,
                                                                              lr=1e-4 * math.sqrt(8)), folds[:1])
         rows = [("(a) study-style, jobs one after the other", a_seconds, images, a_aucs),
                 ("(b) maskaudit, local executor", b_seconds, images, b_aucs),
-                ("(c) maskaudit, ray.num_cpus: 1 (2 jobs at once)", c_seconds, images, c_aucs),
+                ("(c) maskaudit, local.jobs: 2 (2 jobs at once)", c_seconds, images, c_aucs),
                 ("(d) maskaudit, one job, batch 16", d_seconds, d_images, d_aucs)]
+        if not args.quick:
+            import ray
+
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            try:
+                e_seconds, e_aucs, _ = maskaudit_grid(tmp / "e", {**audit_config(args), "executor": "ray",
+                                                                  "ray": {"num_cpus": 1}}, folds)
+            finally:
+                ray.shutdown()
+            rows.append(("(e) maskaudit on Ray, ray.num_cpus: 1 (2 jobs at once)", e_seconds, images, e_aucs))
     print(f"{args.arch} at {args.size} px, strategy {args.strategy}, {args.folds} folds × {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads; training images per grid: {images * args.epochs}")
-    print(f"  {'':<50} {'seconds':>8} {'img/s':>7}  mean test AUC (folds)")
+    print(f"  {'':<56} {'seconds':>8} {'img/s':>7}  mean test AUC (folds)")
     for name, seconds, n, aucs in rows:
-        print(f"  {name:<50} {seconds:>8.1f} {n * args.epochs / seconds:>7.1f}  {np.mean(aucs):.3f} "
+        print(f"  {name:<56} {seconds:>8.1f} {n * args.epochs / seconds:>7.1f}  {np.mean(aucs):.3f} "
               f"({', '.join(f'{a:.3f}' for a in aucs)})")
     print(f"  one job at the study's settings, (a) over (b): {a_seconds / len(folds):.1f} s against "
           f"{b_seconds / len(folds):.1f} s a job, {a_seconds / b_seconds:.2f}x")

@@ -6,8 +6,8 @@ warm-up steps, with ``torch.cuda.synchronize()`` around the clock on CUDA:
 
 1. DenseNet-121 at 512 px, training steps (forward, BCE loss, backward, Adam step), images/s: the study's setting
    (batch 2, fp32, ``freeze: study``), alone and as 4 such jobs at once, each its own process (what
-   ``ray.num_gpus: 0.25`` does; their summed images/s), then batch 32 and 64 with AMP (bf16 where the GPU
-   supports it, else fp16) and channels_last, ``freeze: none``.
+   ``local.jobs: 4`` or ``ray.num_gpus: 0.25`` does; their summed images/s), then batch 32 and 64 with AMP (bf16
+   where the GPU supports it, else fp16) and channels_last, ``freeze: none``.
 2. The loader: images/s of :func:`maskaudit.loader.batches` from a 512-px prepared store of synthetic chest
    X-rays (lungs and heart), batch 32, with 0, 4 and 8 worker processes.
 3. Masking and augmentation on the device: images/s of ``no_roi_bbox`` masking plus the study's augmentation
@@ -108,7 +108,7 @@ def _packed_rate(args: tuple) -> float:
 
 def packed_training_rate(jobs: int, arch: str, size: int, device: torch.device, warmup: int, repeats: int) -> float:
     """Training images/s of ``jobs`` batch-2 jobs at once on one device, each its own process (as Ray's fractional
-    ``ray.num_gpus`` places them): the sum of their rates, started together."""
+    ``local.jobs`` and Ray's fractional ``ray.num_gpus`` place them): the sum of their rates, started together."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         training_rate(arch, "study", 2, size, False, device, warmup, repeats), "img/s", "train_batch2")
     packed = 2 if quick else 4
     row(f"{arch} {size} px training, batch 2, fp32, freeze study, {packed} jobs at once (one process each; "
-        f"ray.num_gpus: {1 / packed:g})", packed_training_rate(packed, arch, size, device, warmup, repeats), "img/s",
-        "train_batch2_packed")
+        f"local.jobs: {packed} or ray.num_gpus: {1 / packed:g})",
+        packed_training_rate(packed, arch, size, device, warmup, repeats), "img/s", "train_batch2_packed")
     rates["packed_jobs"] = packed
     best = 0.0
     for batch in (32, 64):

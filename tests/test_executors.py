@@ -1,5 +1,6 @@
-"""The Ray executor runs the same job functions as the local one, with the same results; its settings are checked
-early and its failures are one line. (A real two-node cluster: ``test_ray_cluster.py``.)"""
+"""The executors run the same job functions with the same results: one after the other in this process, several at
+once in worker processes (``local.jobs``), or on Ray; settings are checked early and failures are one line. (A real
+two-node Ray cluster: ``test_ray_cluster.py``.)"""
 
 from __future__ import annotations
 
@@ -14,9 +15,49 @@ from test_pipeline import TINY
 from typer.testing import CliRunner
 
 from maskaudit.cli import app
-from maskaudit.config import RayConfig, config_from_dict, load_config
+from maskaudit.config import LocalConfig, RayConfig, config_from_dict, load_config
 from maskaudit.errors import MaskauditError
-from maskaudit.executors import RayExecutor, head_endpoint, init_address
+from maskaudit.executors import LocalExecutor, RayExecutor, head_endpoint, init_address
+
+KEYS = ["split", "train_strategy", "fold", "test_strategy", "image_id", "class"]
+
+
+@pytest.mark.slow
+def test_jobs_at_once_in_processes_give_the_grid_of_jobs_one_after_the_other(tmp_path: Path):
+    config = {**TINY, "strategies": ["full", "only_roi"]}
+    results = {}
+    for jobs in (1, 2):
+        path = tmp_path / f"jobs{jobs}.yaml"
+        path.write_text(yaml.safe_dump({**config, "local": {"jobs": jobs}}))
+        out = tmp_path / f"jobs{jobs}"
+        result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        results[jobs] = pd.read_parquet(out / "predictions.parquet")
+        log = (out / "logs" / "maskaudit.log").read_text()
+        # the workers' epoch lines reach the run's log
+        assert "only_roi fold 1 epoch 2/2: train loss" in log, log[-2000:]
+    one, two = results[1], results[2]
+    pd.testing.assert_frame_equal(one[KEYS], two[KEYS])
+    # one thread per worker instead of this process's two: equal up to float summation order
+    assert (one["probability"] - two["probability"]).abs().max() < 1e-3
+    # local.jobs says how the run executes, not what it makes: a rerun with the other count is up to date
+    rerun = CliRunner().invoke(app, ["run", str(tmp_path / "jobs1.yaml"), "--out", str(tmp_path / "jobs2")])
+    assert rerun.exit_code == 0 and "train: running" not in rerun.output
+
+
+def test_jobs_in_processes_return_in_order_and_fail_in_one_line(tmp_path: Path):
+    executor = LocalExecutor(LocalConfig(jobs=2), device="cpu")
+    assert executor.map(divmod, [(7, 2), (9, 4), (5, 5)], name="predict") == [(3, 1), (2, 1), (1, 0)]
+    # the job's own MaskauditError, as the job raised it
+    with pytest.raises(MaskauditError, match=f"^config file not found: {tmp_path / 'none.yaml'}$"):
+        executor.map(load_config, [(tmp_path / "none.yaml",), (tmp_path / "none.yaml",)], name="train")
+    # a worker that dies: one line naming a job and what to do
+    with pytest.raises(MaskauditError) as caught:
+        executor.map(os._exit, [(3,), (3,)], name="train")  # os._exit(3) ends the worker process at once
+    text = str(caught.value)
+    assert text.startswith("job 3: the process running it died (killed, or out of memory") and "\n" not in text
+    assert "the next run resumes each unfinished job after its last saved epoch" in text
+
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install maskaudit[ray]`")
 
@@ -35,8 +76,7 @@ def test_ray_grid_equals_local_grid(tmp_path: Path):
         results[executor] = pd.read_parquet(out / "predictions.parquet")
     ray.shutdown()
     local, remote = results["local"], results["ray"]
-    keys = ["split", "train_strategy", "fold", "test_strategy", "image_id", "class"]
-    pd.testing.assert_frame_equal(local[keys], remote[keys])
+    pd.testing.assert_frame_equal(local[KEYS], remote[KEYS])
     # Ray workers may run torch with another thread count: equal up to float summation order
     assert (local["probability"] - remote["probability"]).abs().max() < 1e-3
 

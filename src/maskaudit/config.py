@@ -678,6 +678,22 @@ class TrackingConfig(Strict):
                                                             "report to MLflow; `{}` for the default store")
 
 
+# --------------------------------------------------------------------------------------------- local
+
+
+class LocalConfig(Strict):
+    """How ``executor: local`` runs the jobs on this machine (:class:`maskaudit.executors.LocalExecutor`).
+
+    How a run is executed, never what it makes: no fingerprint holds it (:data:`maskaudit.stages.EXECUTION_KEYS`).
+    """
+
+    jobs: int = Field(
+        1, ge=1, description="jobs at once: 1 runs them one after the other in this process; more runs each in a "
+                             "process of its own, sharing the CPU cores (each gets cores/jobs threads) and the GPUs "
+                             "(on several GPUs the processes take turns: a job uses one); a batch-2 training leaves "
+                             "a GPU, or a CPU's second core, nearly idle")
+
+
 # ----------------------------------------------------------------------------------------------- ray
 
 #: ``ray.address`` as written: ``auto`` or ``local`` (Ray's words), ``ray://host[:port]`` (Ray Client) or
@@ -792,6 +808,7 @@ class AuditConfig(Strict):
     data_checks: DataChecks = DataChecks()
     store: StoreConfig = StoreConfig()
     executor: Literal["local", "ray"] = "local"
+    local: LocalConfig = Field(LocalConfig(), description="executor: local only: how many jobs run at once")
     ray: RayConfig = Field(RayConfig(), description="executor: ray only: the cluster and what each job reserves")
     tracking: TrackingConfig = TrackingConfig()
     external: list[ExternalDataset] = Field(default_factory=list)

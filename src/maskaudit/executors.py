@@ -1,4 +1,5 @@
-"""Run the grid of independent jobs: in this process, or as Ray tasks on a cluster.
+"""Run the grid of independent jobs: in this process, in worker processes on this machine, or as Ray tasks on a
+cluster.
 
 A job is a plain function of picklable arguments (the kind of audit, the run directory and the job's name),
 which reads everything else from the run directory; so the same function runs locally or
@@ -32,10 +33,12 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from maskaudit import progress
-from maskaudit.config import AuditConfig, RayConfig
+from maskaudit import processes, progress
+from maskaudit.config import AuditConfig, LocalConfig, RayConfig
 from maskaudit.errors import MaskauditError
 
 log = logging.getLogger(__name__)
@@ -58,19 +61,107 @@ def job_label(args: tuple) -> str:
 
 
 class LocalExecutor:
-    """Jobs one after the other in this process (the GPU, if any, serves one job at a time)."""
+    """Jobs on this machine: one after the other in this process (``local.jobs: 1``, the default), or ``local.jobs``
+    at once, each in a worker process of its own (:func:`maskaudit.processes.pool`).
+
+    Several at once is the local way to pack jobs on a device, as ``ray.num_gpus: 0.25`` is Ray's: a training at the
+    study's batch of 2 keeps neither a GPU nor a second CPU core busy. Each worker runs torch with cores/jobs threads
+    (on 2 cores at batch 2 one thread is as fast as two, so two jobs run at almost twice the rate of one); on a machine
+    with several GPUs, worker *i* sees GPU *i* modulo their number (``CUDA_VISIBLE_DEVICES``) when ``train.device``
+    is ``auto`` or ``cuda``. A job writes only its own folder, as on Ray; the workers end with this process. A job's
+    own error is raised as the job raised it; a worker that dies (killed, out of memory) stops the stage with one
+    line, and the next run resumes the job after its last saved epoch.
+
+    Parameters
+    ----------
+    settings : LocalConfig, optional
+        The config's ``local`` section (default: one job at a time).
+    device : str
+        ``train.device``, which says whether the workers may be spread over the GPUs.
+    """
+
+    def __init__(self, settings: LocalConfig | None = None, device: str = "auto") -> None:
+        self.settings = settings or LocalConfig()
+        self.device = device
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], *, name: str, total: int | None = None,
             done: int = 0) -> list[Any]:
-        """Run ``fn(*args)`` for each of ``calls`` (stage ``name``); ``total`` jobs in the stage, ``done`` before."""
+        """Run ``fn(*args)`` for each of ``calls`` (stage ``name``); ``total`` jobs in the stage, ``done`` before.
+        The results come in the order of ``calls``."""
+        total = total if total is not None else len(calls) + done
+        at_once = min(self.settings.jobs, len(calls))
+        if at_once > 1:
+            return self._in_processes(fn, calls, at_once, name=name, total=total, done=done)
         results = []
-        with progress.stage(name, total if total is not None else len(calls) + done, done=done) as bar:
+        with progress.stage(name, total, done=done) as bar:
             for args in calls:
                 bar.start_job(job_label(args))
                 result = fn(*args)
                 bar.end_job(result)
                 results.append(result)
         return results
+
+    def _in_processes(self, fn: Callable[..., Any], calls: Sequence[tuple], at_once: int, *, name: str, total: int,
+                      done: int) -> list[Any]:
+        threads = max(1, (os.cpu_count() or 1) // at_once)
+        gpus = visible_gpus() if self.device in ("auto", "cuda") else []
+        spread = f", spread over {len(gpus)} GPUs" if len(gpus) > 1 else ""
+        note = (f"{len(calls)} jobs, {at_once} at once in processes of their own ({threads} CPU thread"
+                f"{'s' if threads != 1 else ''} each{spread}); progress counts finished jobs (`maskaudit status RUN` "
+                "reads the epochs of running ones from their job folders)")
+        slots = processes.pool_context(PRELOAD).SimpleQueue()
+        for slot in range(at_once):
+            slots.put(slot)
+        results: dict[int, Any] = {}
+        with progress.stage(name, total, done=done, note=note) as bar, \
+                processes.pool(at_once, PRELOAD, _init_job_process,
+                               (threads, gpus if len(gpus) > 1 else [], slots)) as pool:
+            futures = {pool.submit(capture, fn, args): i for i, args in enumerate(calls)}
+            try:
+                for future in as_completed(futures):
+                    label = job_label(calls[futures[future]])
+                    try:
+                        out = future.result()
+                    except BrokenProcessPool:
+                        raise MaskauditError(
+                            f"job {label}: the process running it died (killed, or out of memory: the system log "
+                            f"says which; local.jobs: {at_once} runs that many at once); the next run resumes each "
+                            "unfinished job after its last saved epoch") from None
+                    replay(out["log"])
+                    results[futures[future]] = out["result"]
+                    bar.job_finished_elsewhere(label, out["result"])
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return [results[i] for i in range(len(calls))]
+
+
+#: what a job process's fork server imports once (the jobs' own modules: torch with them)
+PRELOAD = ("maskaudit.pipeline",)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (its entries, else 0..n-1); none
+    without CUDA. Counting does not make a CUDA context here (workers are started clean, never forked from here)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return []
+    if not torch.cuda.is_available():
+        return []
+    named = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return named or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _init_job_process(threads: int, gpus: list[str], slots: Any) -> None:
+    """A job process: its share of the CPU threads and, over several GPUs, its one GPU (taken before CUDA starts)."""
+    slot = slots.get()
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ connecting
@@ -170,15 +261,13 @@ def _attempt() -> int | None:
         return None
 
 
-def run_on_worker(fn: Callable[..., Any], args: tuple) -> dict:
-    """One job in a Ray worker: ``fn(*args)``, with where it ran (node id, PID, attempt) and what it logged.
+def capture(fn: Callable[..., Any], args: tuple) -> dict:
+    """``fn(*args)`` in a worker process, with what it logged: ``{"result", "pid", "log"}``.
 
     The ``maskaudit`` loggers' records (INFO and above: each epoch, a resumed job's ``resuming after epoch 3``)
-    are kept off the worker's stderr, which Ray copies to the driver's console, and returned with the result:
-    the driver writes them to the run's log (``logs/maskaudit.log``) when the job ends.
+    are kept off the worker's stderr (which Ray copies to the driver's console) and returned with the result:
+    the driver writes them to the run's log (``logs/maskaudit.log``) when the job ends (:func:`replay`).
     """
-    import ray
-
     records: list = []
     handler = _Keep(records)
     logger = logging.getLogger("maskaudit")
@@ -192,8 +281,20 @@ def run_on_worker(fn: Callable[..., Any], args: tuple) -> dict:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
-    return {"result": result, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "attempt": _attempt(), "log": records}
+    return {"result": result, "pid": os.getpid(), "log": records}
+
+
+def replay(records: Sequence[tuple]) -> None:
+    """A finished job's log records (:func:`capture`), written into this process's log."""
+    for logger, level, message, detail in records:
+        logging.getLogger(logger).log(level, "%s", message, extra=progress.DETAIL if detail else None)
+
+
+def run_on_worker(fn: Callable[..., Any], args: tuple) -> dict:
+    """One job in a Ray worker: :func:`capture` of ``fn(*args)``, with where it ran (node id) and which attempt."""
+    import ray
+
+    return {**capture(fn, args), "node": ray.get_runtime_context().get_node_id(), "attempt": _attempt()}
 
 
 # ------------------------------------------------------------------------------------------ the executor
@@ -311,8 +412,7 @@ class RayExecutor:
 
     def _finished(self, bar: Any, label: str, out: dict) -> None:
         """One job back: its log records into this process's log, its line on the display, its placement kept."""
-        for logger, level, message, detail in out.get("log", ()):
-            logging.getLogger(logger).log(level, "%s", message, extra=progress.DETAIL if detail else None)
+        replay(out.get("log", ()))
         attempt = out.get("attempt") or 0
         where = f"{label} on node {str(out.get('node'))[:8]}"
         if attempt:
@@ -322,4 +422,6 @@ class RayExecutor:
 
 
 def make_executor(config: AuditConfig) -> LocalExecutor | RayExecutor:
-    return RayExecutor(config.ray) if config.executor == "ray" else LocalExecutor()
+    if config.executor == "ray":
+        return RayExecutor(config.ray)
+    return LocalExecutor(config.local, config.train.device)

@@ -25,10 +25,10 @@ from pydantic import BaseModel
 #: Keys that say how a stage runs, not what it makes: any stage may read them, no fingerprint holds them.
 #: ``tracking`` (where the run is logged, :mod:`maskaudit.tracking`) is named with its one key as well, as a change of
 #: a leaf is checked by its own name (``tests/test_stage_table.py``). ``ray`` likewise: which cluster runs the jobs
-#: and what each reserves there (:class:`maskaudit.config.RayConfig`).
+#: and what each reserves there (:class:`maskaudit.config.RayConfig`); ``local``: how many jobs run at once here.
 EXECUTION_KEYS = frozenset({"workers", "executor", "train.num_workers", "train.device", "predict.batch_size",
-                            "predict.models", "analyses.explain.batch_size", "tracking", "tracking.mlflow", "ray",
-                            "ray.address", "ray.num_cpus", "ray.num_gpus", "ray.max_retries"})
+                            "predict.models", "analyses.explain.batch_size", "local", "local.jobs", "tracking",
+                            "tracking.mlflow", "ray", "ray.address", "ray.num_cpus", "ray.num_gpus", "ray.max_retries"})
 
 #: A key that holds the whole config (the report shows config.yaml).
 EVERYTHING = ""

@@ -30,19 +30,17 @@ per-image maximum scaling, as the study fed them (its preprocessing saved max-sc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import mmap
-import multiprocessing
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +49,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from maskaudit import processes
 from maskaudit.data.imaging import resize_pad
 from maskaudit.data.sources.base import Record, Rejected, Source, shown_path
 from maskaudit.errors import MaskauditError, require_space
@@ -308,47 +307,11 @@ def _hashed(result: _Result, record: Record) -> _Result:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, settings: _Settings, lifeline: Any = None) -> None:
+def _init_worker(source: Source, settings: _Settings) -> None:
     import cv2
 
-    _die_with_parent(lifeline)
     cv2.setNumThreads(1)  # one process per core already
     _WORKER["source"], _WORKER["settings"] = source, settings
-
-
-def _die_with_parent(lifeline: Any) -> None:
-    """End this worker as soon as the preparing process ends, however it ends (SIGKILL included).
-
-    ``lifeline`` is the read end of a pipe (a ``multiprocessing`` connection) whose only write end
-    is in the preparing process: a thread waits on it and ends this process at its end of file, which
-    the kernel delivers when the preparing process closes it or dies. The kernel's parent-death
-    signal alone would not do: a worker's parent is the fork server, which lives on as long as any
-    worker does (each holds the server's "alive" pipe), so killed parents used to leave the server,
-    the resource tracker and the workers running forever. On Linux the worker also asks for SIGKILL
-    when its own parent (the fork server) dies (``prctl(PR_SET_PDEATHSIG)``).
-    """
-    import signal
-    import sys
-    import threading
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
-            pass
-    if lifeline is None:
-        return
-
-    def watch() -> None:
-        try:
-            lifeline.recv_bytes()  # nothing is ever sent: this returns (EOFError) when the write end closes
-        except (EOFError, OSError):
-            pass
-        os._exit(1)  # at once: no clean-up is owed to a preparation that has ended
-
-    threading.Thread(target=watch, name="maskaudit-lifeline", daemon=True).start()
 
 
 def _run_task(slot: int, record: Record) -> _Result:
@@ -545,22 +508,6 @@ def _arrow_safe(values: list[Any]) -> pd.Series:
         return pd.Series([None if v is None else str(v) for v in values], dtype=object)
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Worker processes start clean (no threads or locks inherited from this process).
-
-    A fork server, where the platform has one, imports this module once and forks workers
-    from it, so a second preparation in the same process starts its workers at once;
-    elsewhere, spawn. The server and the resource tracker end by themselves once this process
-    and every worker have (end of file on their pipes); the workers end with this process
-    (:func:`_die_with_parent`), so a killed preparation leaves no process behind.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
 def _run(
     source: Source,
     candidates: list[Record],
@@ -586,11 +533,7 @@ def _run(
                     slots.put(_process(source, candidates[slot], slot, settings))
                     bar.advance()
                 return
-            context = _pool_context()
-            lifeline, alive = context.Pipe(duplex=False)  # the workers' lifeline; this process alone writes it
-            with contextlib.closing(alive), contextlib.closing(lifeline), ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=(source, settings, lifeline)
-            ) as pool:
+            with processes.pool(workers, [__name__], _init_worker, (source, settings)) as pool:
                 queue = iter(todo)
                 running: dict[Future[_Result], int] = {}
 
