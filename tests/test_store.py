@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -16,9 +17,9 @@ from PIL import Image
 
 from maskaudit.config import FolderData
 from maskaudit.data.imaging import read_image, read_mask, resize_pad
-from maskaudit.data.sources.base import Loaded, Record
+from maskaudit.data.sources.base import Loaded, Record, Rejected
 from maskaudit.data.sources.folder import FolderSource
-from maskaudit.data.store import Store, prepare_store, to_pixels
+from maskaudit.data.store import Store, _listing_entry, _plan_hash, _sharing, prepare_store, to_pixels
 from maskaudit.errors import MaskauditError
 
 SIZE = 48
@@ -350,3 +351,23 @@ def test_a_store_pickles_by_path_not_by_content(fundus_dir: Path, tmp_path: Path
     assert len(payload) < 1000 < store.images.nbytes
     back = pickle.loads(payload)
     assert np.array_equal(back.images, store.images) and back.root == store.root
+
+
+def test_the_plan_is_the_hash_of_the_whole_listing_as_stores_were_made_before() -> None:
+    """The plan is hashed one input at a time, to the same bytes as the whole document (json.dumps of the plan with
+    its listing), so that a store prepared before is still found complete; equal label mappings are shared, never
+    merged across value types (1, True and 1.0 dump differently)."""
+    items = [Record("a", "p", {"x": 1, "y": 0}, {"age": 40}, "a.png", None, {"row": 2}, 2),
+             Rejected("b", "unreadable image or mask: b.png: truncated", "b.png", 3, "p", {"x": 0}),
+             Record("c", "q", {"x": 1, "y": 0}, key=7, no_masks="no CheXmask row"),
+             Record("d", "q", {"x": True, "y": 0}, key=8), Record("e", "r", {"x": 1.0, "y": 0}, key=9)]
+    shared: dict = {}
+    listed = [_sharing(item, shared) for item in items]
+    assert listed[2].labels is listed[0].labels and listed[2].metadata == {}
+    assert [type(r.labels["x"]) for r in (listed[3], listed[4])] == [bool, float]
+    assert listed == items  # equal records: only the mappings' identity changed
+    doc = {"version": 2, "image_size": 32, "rois": ["lungs"], "source": {"name": "folder", "csv": "/d/l.csv"},
+           "bits": 8}
+    for listing in ([], listed):
+        whole = json.dumps({**doc, "items": [_listing_entry(item) for item in listing]}, sort_keys=True, default=str)
+        assert _plan_hash(doc, listing) == hashlib.sha256(whole.encode()).hexdigest()

@@ -30,6 +30,7 @@ per-image maximum scaling, as the study fed them (its preprocessing saved max-sc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -489,6 +490,41 @@ def _npy_bytes(shape: tuple[int, ...], dtype: Any) -> int:
 # ------------------------------------------------------------------------------------------ prepare
 
 
+def _sharing(item: Record | Rejected, shared: dict[tuple, dict]) -> Record | Rejected:
+    """``item`` with its ``labels`` replaced by an equal mapping seen before (same keys in the same order, values of
+    the same types), and an empty ``metadata`` by one shared empty mapping.
+
+    A listing holds every input at once, and most inputs repeat a few label patterns: sharing them keeps a
+    100k-image listing to the records' own fields (a mapping per record is about 0.2 KB). Nothing changes a record's
+    mappings. Metadata values are mostly an image's own (an age, a date), so only the empty mapping is shared.
+    """
+    labels, metadata = item.labels, item.metadata
+    try:
+        same_labels = shared.setdefault(("labels", *((k, type(v), v) for k, v in labels.items())), labels)
+    except TypeError:  # a value that cannot be a key: kept as it is (the store rejects what is not 0 or 1)
+        same_labels = labels
+    same_metadata = metadata if metadata else shared.setdefault(("metadata",), metadata)
+    if same_labels is labels and same_metadata is metadata:
+        return item
+    return dataclasses.replace(item, labels=same_labels, metadata=same_metadata)
+
+
+def _plan_hash(doc: dict[str, Any], items: Sequence[Record | Rejected]) -> str:
+    """The plan of a preparation: the sha256 of ``json.dumps({**doc, "items": listing}, sort_keys=True,
+    default=str)`` with the listing one :func:`_listing_entry` per input, hashed one entry at a time (the same
+    bytes as the whole document, which at 100k inputs would be about 0.3 KB an image held at once)."""
+    hole = "\0items\0"
+    text = json.dumps({**doc, "items": hole}, sort_keys=True, default=str)
+    head, tail = text.split(json.dumps(hole))
+    digest = hashlib.sha256(head.encode())
+    digest.update(b"[")
+    for k, item in enumerate(items):
+        digest.update((", " if k else "").encode() + json.dumps(_listing_entry(item), sort_keys=True,
+                                                                 default=str).encode())
+    digest.update(b"]" + tail.encode())
+    return digest.hexdigest()
+
+
 def _listing_entry(item: Record | Rejected) -> list[Any]:
     if isinstance(item, Rejected):
         return ["rejected", item.image_id, item.reason, item.source_path, item.row, item.patient_id, item.labels,
@@ -661,15 +697,15 @@ def prepare_store(
         )
     settings = _Settings(image_size, int(source.channels), rois, unions, int(bits))
 
-    items = list(source.records())
+    shared: dict[tuple, dict] = {}
+    items = [_sharing(item, shared) for item in source.records()]
+    del shared
     description = describe_source(source)
-    plan_doc = {
+    plan = _plan_hash({
         "version": STORE_VERSION, "image_size": image_size, "channels": settings.channels, "rois": list(rois),
         "unions": list(unions), "classes": classes, "metadata": metadata_columns, "source": description,
-        "masks": masks, "items": [_listing_entry(item) for item in items],
-        "duplicate_images": duplicate_images, "digests": [DIGEST, "content", "file"], "bits": int(bits),
-    }  # fmt: skip
-    plan = hashlib.sha256(json.dumps(plan_doc, sort_keys=True, default=str).encode()).hexdigest()
+        "masks": masks, "duplicate_images": duplicate_images, "digests": [DIGEST, "content", "file"], "bits": int(bits),
+    }, items)  # fmt: skip
 
     marker = out / MARKER
     if marker.is_file():
@@ -682,7 +718,7 @@ def prepare_store(
 
     # candidates: records the source kept, less repeated image ids
     candidates: list[Record] = []
-    slot_of: dict[int, int] = {}  # item position -> slot
+    slot_of = np.full(len(items), -1, dtype=np.int64)  # item position -> slot (-1: none)
     duplicates: dict[int, str] = {}
     first_seen: dict[str, int] = {}
     for position, item in enumerate(items):
@@ -698,6 +734,8 @@ def prepare_store(
             first_seen[item.image_id] = position
             slot_of[position] = len(candidates)
             candidates.append(item)
+    del first_seen
+    position_of = np.flatnonzero(slot_of >= 0)  # slot -> item position (slots are given in input order)
 
     m = len(candidates)
     slots = _Slots(out / WORK, plan, m, settings) if m else None
@@ -722,7 +760,6 @@ def prepare_store(
                     same_file[slot] = first
         if duplicate_images == "reject" and same_file:
             kept_slots = np.array([s for s in kept_slots if int(s) not in same_file], dtype=kept_slots.dtype)
-    position_of = {slot: position for position, slot in slot_of.items()}
 
     def first_row(slot: int) -> str:
         """``'a' (row 2)``: the first row with the image file of ``slot``, and its patient when another."""
@@ -731,65 +768,60 @@ def prepare_store(
         other = f", patient {first.patient_id!r}" if first.patient_id != record.patient_id else ""
         return f"{first.image_id!r} ({where}{other})"
 
-    index_of = {int(s): i for i, s in enumerate(kept_slots)}
     n = len(kept_slots)
+    is_kept = np.zeros(len(candidates), dtype=bool)  # slot -> kept
+    is_kept[kept_slots] = True
 
-    # the manifest: every input, in the source's order
-    rows: list[dict[str, Any]] = []
+    # the manifest: every input, in the source's order, built column by column (a dict per row would cost
+    # about 0.65 KB an image at once)
+    status, reason, no_masks, same_as = [], [], [], []
     for position, item in enumerate(items):
-        slot = slot_of.get(position)
-        base = {
-            "image_id": item.image_id, "source_path": item.source_path, "row": item.row,
-        }  # fmt: skip
+        slot = int(slot_of[position])
         if isinstance(item, Rejected):  # with whatever of its row the source could read
-            rows.append({
-                **base, "patient_id": item.patient_id, "status": "rejected", "reason": item.reason, "index": -1,
-                "split": item.split, **{c: item.labels.get(c) for c in classes},
-                **{c: item.metadata.get(c) for c in metadata_columns},
-            })  # fmt: skip
-            continue
-        if slot is None:
-            status, reason, index = "rejected", duplicates[position], -1
-        elif slot in index_of:
-            status, reason, index = "kept", "", index_of[slot]
+            why, masks_why, first = item.reason, "", ""
+        elif slot < 0:
+            why, masks_why, first = duplicates[position], "", ""
+        elif is_kept[slot]:
+            why, masks_why, first = "", item.no_masks, first_row(slot) if slot in same_file else ""
         elif slot in same_file:
-            status, reason, index = "rejected", f"duplicate image file: same image file as {first_row(slot)}", -1
+            why, masks_why, first = f"duplicate image file: same image file as {first_row(slot)}", "", ""
         else:
             assert slots is not None
-            status, reason, index = "rejected", slots.failures.get(slot, "not prepared"), -1
-        row = {**base, "patient_id": item.patient_id, "status": status, "reason": reason, "index": index}
-        row["split"] = item.split
-        row["no_masks"] = item.no_masks if index >= 0 else ""
-        row["same_file_as"] = first_row(slot) if index >= 0 and slot in same_file else ""
-        row.update({name: item.labels.get(name) for name in classes})
-        row.update({name: item.metadata.get(name) for name in metadata_columns})
-        if index >= 0:
-            assert slots is not None
-            row.update(
-                zip(fraction_columns, (float(v) for v in slots.fractions[slot][: len(rois)]), strict=True)
-            )
-            row[PEAK] = float(slots.peaks[slot])
-        rows.append(row)
+            why, masks_why, first = slots.failures.get(slot, "not prepared"), "", ""
+        status.append("kept" if slot >= 0 and is_kept[slot] else "rejected")
+        reason.append(why)
+        no_masks.append(masks_why)
+        same_as.append(first)
+    # the numbers as arrays: the kept rows' from the slots, NaN (and index -1) elsewhere
+    kept_positions = position_of[kept_slots]
+    index = np.full(len(items), -1, dtype=np.int64)
+    index[kept_positions] = np.arange(n)
+    measured = np.full((len(items), len(fraction_columns) + 1), math.nan)
+    if n:
+        assert slots is not None
+        measured[kept_positions, : len(fraction_columns)] = slots.fractions[kept_slots, : len(fraction_columns)]
+        measured[kept_positions, -1] = slots.peaks[kept_slots]
+
+    def texts(values: list[Any]) -> pd.Series:
+        return pd.Series(values, dtype=object)
+
     manifest = pd.DataFrame(
         {
-            "image_id": pd.Series([r["image_id"] for r in rows], dtype=object),
-            "patient_id": pd.Series([r["patient_id"] for r in rows], dtype=object),
-            "status": pd.Series([r["status"] for r in rows], dtype=object),
-            "reason": pd.Series([r["reason"] for r in rows], dtype=object),
-            "source_path": pd.Series([r["source_path"] for r in rows], dtype=object),
-            "row": pd.array([r["row"] for r in rows], dtype="Int64"),
-            "index": np.array([r["index"] for r in rows], dtype=np.int64),
-            "split": pd.Series([r.get("split") for r in rows], dtype=object),
-            "no_masks": pd.Series([r.get("no_masks", "") for r in rows], dtype=object),
-            "same_file_as": pd.Series([r.get("same_file_as", "") for r in rows], dtype=object),
-            **{c: pd.array([r.get(c) for r in rows], dtype="Int8") for c in classes},
-            **{c: _arrow_safe([r.get(c) for r in rows]) for c in metadata_columns},
-            **{c: np.array([r.get(c, math.nan) for r in rows], dtype=np.float64) for c in fraction_columns},
-            PEAK: np.array([r.get(PEAK, math.nan) for r in rows], dtype=np.float64),
+            "image_id": texts([item.image_id for item in items]),
+            "patient_id": texts([item.patient_id for item in items]),
+            "status": texts(status), "reason": texts(reason),
+            "source_path": texts([item.source_path for item in items]),
+            "row": pd.array([item.row for item in items], dtype="Int64"),
+            "index": index,
+            "split": texts([item.split for item in items]), "no_masks": texts(no_masks), "same_file_as": texts(same_as),
+            **{c: pd.array([item.labels.get(c) for item in items], dtype="Int8") for c in classes},
+            **{c: _arrow_safe([item.metadata.get(c) for item in items]) for c in metadata_columns},
+            **{c: measured[:, k] for k, c in enumerate([*fraction_columns, PEAK])},
         }
-    )
-    del rows  # the manifest holds them now (at 100k images the dicts alone are tens of MB)
+    )  # fmt: skip
+    del status, reason, no_masks, same_as, measured
     write_table(out / MANIFEST, manifest)
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps what the conversion freed, else
     if n == 0:
         if slots is not None:
             slots.close()
@@ -855,9 +887,8 @@ def prepare_store(
     )
     shutil.rmtree(out / WORK, ignore_errors=True)
     # the bookkeeping goes before the store reads its own; first_row's two (it is not called again) are emptied
-    del manifest, items, slot_of, first_seen, index_of
-    candidates.clear()
-    position_of.clear()
+    del manifest, items, slot_of, is_kept
+    candidates.clear()  # first_row's (it is not called again)
     return Store.open(out)
 
 

@@ -54,7 +54,7 @@ def require_columns(path: Any, found: Iterable[Any], needed: Iterable[str], kind
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-record __dict__ (a preparation holds every record)
 class Record:
     """One image the source offers.
 
@@ -79,7 +79,7 @@ class Record:
     no_masks: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A row the source could not use, and why. Every rejected row lands in the manifest.
 
