@@ -66,7 +66,8 @@ class LocalExecutor:
 
     Several at once is the local way to pack jobs on a device, as ``ray.num_gpus: 0.25`` is Ray's: a training at the
     study's batch of 2 keeps neither a GPU nor a second CPU core busy. Each worker runs torch with cores/jobs threads
-    (on 2 cores at batch 2 one thread is as fast as two, so two jobs run at almost twice the rate of one); on a machine
+    (measured on 2 cores, ``benchmarks/bench_job.py``: a batch-2 step on one thread is about as fast as on two, but two
+    jobs at once each run about 1.45× slower than one alone, so the grid gains only 1.13× there); on a machine
     with several GPUs, worker *i* sees GPU *i* modulo their number (``CUDA_VISIBLE_DEVICES``) when ``train.device``
     is ``auto`` or ``cuda``. A job writes only its own folder, as on Ray; the workers end with this process. A job's
     own error is raised as the job raised it; a worker that dies (killed, out of memory) stops the stage with one
@@ -105,7 +106,9 @@ class LocalExecutor:
                       done: int) -> list[Any]:
         threads = max(1, (os.cpu_count() or 1) // at_once)
         gpus = visible_gpus() if self.device in ("auto", "cuda") else []
-        spread = f", spread over {len(gpus)} GPUs" if len(gpus) > 1 else ""
+        if len(gpus) < 2:
+            gpus = []  # one GPU or none: every worker sees what this process sees
+        spread = f", spread over {len(gpus)} GPUs" if gpus else ""
         note = (f"{len(calls)} jobs, {at_once} at once in processes of their own ({threads} CPU thread"
                 f"{'s' if threads != 1 else ''} each{spread}); progress counts finished jobs (`maskaudit status RUN` "
                 "reads the epochs of running ones from their job folders)")
@@ -114,8 +117,7 @@ class LocalExecutor:
             slots.put(slot)
         results: dict[int, Any] = {}
         with progress.stage(name, total, done=done, note=note) as bar, \
-                processes.pool(at_once, PRELOAD, _init_job_process,
-                               (threads, gpus if len(gpus) > 1 else [], slots)) as pool:
+                processes.pool(at_once, PRELOAD, _init_job_process, (threads, gpus, slots)) as pool:
             futures = {pool.submit(capture, fn, args): i for i, args in enumerate(calls)}
             try:
                 for future in as_completed(futures):

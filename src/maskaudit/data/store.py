@@ -769,33 +769,30 @@ def prepare_store(
         return f"{first.image_id!r} ({where}{other})"
 
     n = len(kept_slots)
-    is_kept = np.zeros(len(candidates), dtype=bool)  # slot -> kept
-    is_kept[kept_slots] = True
+    kept_positions = position_of[kept_slots]
+    index = np.full(len(items), -1, dtype=np.int64)  # item position -> its image in the store (-1: rejected)
+    index[kept_positions] = np.arange(n)
 
     # the manifest: every input, in the source's order, built column by column (a dict per row would cost
     # about 0.65 KB an image at once)
-    status, reason, no_masks, same_as = [], [], [], []
+    reason, no_masks, same_as = [], [], []
     for position, item in enumerate(items):
         slot = int(slot_of[position])
         if isinstance(item, Rejected):  # with whatever of its row the source could read
             why, masks_why, first = item.reason, "", ""
         elif slot < 0:
             why, masks_why, first = duplicates[position], "", ""
-        elif is_kept[slot]:
+        elif index[position] >= 0:
             why, masks_why, first = "", item.no_masks, first_row(slot) if slot in same_file else ""
         elif slot in same_file:
             why, masks_why, first = f"duplicate image file: same image file as {first_row(slot)}", "", ""
         else:
             assert slots is not None
             why, masks_why, first = slots.failures.get(slot, "not prepared"), "", ""
-        status.append("kept" if slot >= 0 and is_kept[slot] else "rejected")
         reason.append(why)
         no_masks.append(masks_why)
         same_as.append(first)
-    # the numbers as arrays: the kept rows' from the slots, NaN (and index -1) elsewhere
-    kept_positions = position_of[kept_slots]
-    index = np.full(len(items), -1, dtype=np.int64)
-    index[kept_positions] = np.arange(n)
+    # the measured numbers as arrays: the kept rows' from the slots, NaN elsewhere
     measured = np.full((len(items), len(fraction_columns) + 1), math.nan)
     if n:
         assert slots is not None
@@ -809,7 +806,7 @@ def prepare_store(
         {
             "image_id": texts([item.image_id for item in items]),
             "patient_id": texts([item.patient_id for item in items]),
-            "status": texts(status), "reason": texts(reason),
+            "status": texts(["kept" if i >= 0 else "rejected" for i in index.tolist()]), "reason": texts(reason),
             "source_path": texts([item.source_path for item in items]),
             "row": pd.array([item.row for item in items], dtype="Int64"),
             "index": index,
@@ -819,9 +816,9 @@ def prepare_store(
             **{c: measured[:, k] for k, c in enumerate([*fraction_columns, PEAK])},
         }
     )  # fmt: skip
-    del status, reason, no_masks, same_as, measured
+    del reason, no_masks, same_as, measured
     write_table(out / MANIFEST, manifest)
-    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps what the conversion freed, else
+    pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps what writing it freed (tens of MB)
     if n == 0:
         if slots is not None:
             slots.close()
@@ -887,7 +884,7 @@ def prepare_store(
     )
     shutil.rmtree(out / WORK, ignore_errors=True)
     # the bookkeeping goes before the store reads its own; first_row's two (it is not called again) are emptied
-    del manifest, items, slot_of, is_kept
+    del manifest, items, slot_of, index
     candidates.clear()  # first_row's (it is not called again)
     return Store.open(out)
 
