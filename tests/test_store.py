@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -19,8 +21,9 @@ from maskaudit.config import FolderData
 from maskaudit.data.imaging import read_image, read_mask, resize_pad
 from maskaudit.data.sources.base import Loaded, Record, Rejected
 from maskaudit.data.sources.folder import FolderSource
-from maskaudit.data.store import Store, _listing_entry, _plan_hash, _sharing, prepare_store, to_pixels
+from maskaudit.data.store import Store, _Digesting, _listing_entry, _plan_hash, _sharing, prepare_store, to_pixels
 from maskaudit.errors import MaskauditError
+from maskaudit.rundir import ROWS_AT_ONCE, read_table, write_table
 
 SIZE = 48
 HEADER = ["image", "mask", "box", "image_id", "patient_id", "covid", "sex"]
@@ -371,3 +374,36 @@ def test_the_plan_is_the_hash_of_the_whole_listing_as_stores_were_made_before() 
     for listing in ([], listed):
         whole = json.dumps({**doc, "items": [_listing_entry(item) for item in listing]}, sort_keys=True, default=str)
         assert _plan_hash(doc, listing) == hashlib.sha256(whole.encode()).hexdigest()
+
+
+def test_the_fingerprint_hashes_the_manifest_csv_in_chunks_to_the_same_bytes() -> None:
+    """The store's fingerprint digests the manifest's CSV as pandas writes it, chunk by chunk, to the same bytes as
+    the whole text (so the fingerprints of stores made before are unchanged): quoted text, missing values, more rows
+    than one of pandas' chunks."""
+    n = 12_000
+    frame = pd.DataFrame({
+        "image_id": [f"img_{i}_é" for i in range(n)],
+        "reason": ["" if i % 5 else 'bad, "quoted"\nrow' for i in range(n)],
+        "covid": pd.array([None if i % 11 == 0 else i % 2 for i in range(n)], dtype="Int8"),
+        "lung_fraction": [math.nan if i % 3 == 0 else i / 7 for i in range(n)],
+    })  # fmt: skip
+    digest = hashlib.sha256()
+    frame.to_csv(_Digesting(digest), index=False)
+    assert digest.hexdigest() == hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+
+
+def test_a_table_of_many_row_groups_reads_back_batch_by_batch_as_written(tmp_path: Path) -> None:
+    """write_table splits a large table into row groups and read_table decodes it a batch at a time: the same frame,
+    dtypes and missing values included, as written and as pandas reads it whole."""
+    n = 2 * ROWS_AT_ONCE + 5
+    frame = pd.DataFrame({
+        "image_id": pd.array([f"i{k}" for k in range(n)], dtype="str"), "split": [None] * n,
+        "covid": pd.array([None if k % 7 == 0 else k % 2 for k in range(n)], dtype="Int8"),
+        "row": pd.array([None if k % 5 == 0 else k for k in range(n)], dtype="Int64"),
+        "lung_fraction": [math.nan if k % 3 == 0 else k / 3 for k in range(n)],
+    })  # fmt: skip
+    write_table(tmp_path / "t.parquet", frame)
+    assert pq.ParquetFile(tmp_path / "t.parquet").num_row_groups == 3
+    back = read_table(tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(back, frame)
+    pd.testing.assert_frame_equal(back, pd.read_parquet(tmp_path / "t.parquet"))

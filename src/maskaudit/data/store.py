@@ -55,7 +55,7 @@ from maskaudit.data.imaging import resize_pad
 from maskaudit.data.sources.base import Record, Rejected, Source, shown_path
 from maskaudit.errors import MaskauditError, require_space
 from maskaudit.progress import stage
-from maskaudit.rundir import allocated, atomic_path, read_json, reserve, write_json, write_table
+from maskaudit.rundir import allocated, atomic_path, read_json, read_table, reserve, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -535,6 +535,19 @@ def _listing_entry(item: Record | Rejected) -> list[Any]:
     ]  # fmt: skip
 
 
+class _Digesting:
+    """A text file that feeds what is written to it into ``digest``: ``frame.to_csv(_Digesting(digest))`` hashes the
+    same bytes as ``digest.update(frame.to_csv().encode())`` without holding the whole text (pandas writes a CSV
+    in chunks of rows), which at 100k manifest rows would be tens of MB at once."""
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+
+    def write(self, text: str) -> int:
+        self.digest.update(text.encode())
+        return len(text)
+
+
 def _arrow_safe(values: list[Any]) -> pd.Series:
     """A metadata column Parquet can store: as read when its types agree, else as text."""
     try:
@@ -800,7 +813,9 @@ def prepare_store(
         measured[kept_positions, -1] = slots.peaks[kept_slots]
 
     def texts(values: list[Any]) -> pd.Series:
-        return pd.Series(values, dtype=object)
+        """Text as Arrow holds it (one buffer per column, the dtype the manifest is read back with), not as a
+        pointer per row to a Python string the records hold."""
+        return pd.Series(pd.array(values, dtype=pd.StringDtype("pyarrow", na_value=np.nan)))
 
     manifest = pd.DataFrame(
         {
@@ -810,13 +825,17 @@ def prepare_store(
             "source_path": texts([item.source_path for item in items]),
             "row": pd.array([item.row for item in items], dtype="Int64"),
             "index": index,
-            "split": texts([item.split for item in items]), "no_masks": texts(no_masks), "same_file_as": texts(same_as),
+            "split": pd.Series([item.split for item in items], dtype=object),  # None unless the source has splits
+            "no_masks": texts(no_masks), "same_file_as": texts(same_as),
             **{c: pd.array([item.labels.get(c) for item in items], dtype="Int8") for c in classes},
             **{c: _arrow_safe([item.metadata.get(c) for item in items]) for c in metadata_columns},
             **{c: measured[:, k] for k, c in enumerate([*fraction_columns, PEAK])},
         }
     )  # fmt: skip
-    del reason, no_masks, same_as, measured
+    # the manifest holds what is left to know of the inputs: the records go before it is written (their text
+    # was copied into its Arrow columns), first_row's two lists with them (it is not called again)
+    del reason, no_masks, same_as, measured, items, slot_of, index
+    candidates.clear()
     write_table(out / MANIFEST, manifest)
     pa.default_memory_pool().release_unused()  # else Arrow's allocator keeps what writing it freed (tens of MB)
     if n == 0:
@@ -825,7 +844,7 @@ def prepare_store(
             shutil.rmtree(out / WORK, ignore_errors=True)
         counts = manifest["reason"].map(reason_kind).value_counts()
         raise MaskauditError(
-            f"{source.name}: no usable image among {len(items)} inputs "
+            f"{source.name}: no usable image among {len(manifest)} inputs "
             f"({'; '.join(f'{k}: {v}' for k, v in counts.items())}); see {out / MANIFEST}"
         )
     assert slots is not None
@@ -866,7 +885,7 @@ def prepare_store(
         "metadata_columns": metadata_columns,
     }  # fmt: skip
     fingerprint.update(json.dumps(meta, sort_keys=True).encode())
-    fingerprint.update(manifest.to_csv(index=False).encode())
+    manifest.to_csv(_Digesting(fingerprint), index=False)  # the CSV's bytes, a few thousand rows at a time
     fingerprint.update(np.ascontiguousarray(slots.digests[kept_slots]).tobytes())
     slots.close()
     write_json(
@@ -883,9 +902,7 @@ def prepare_store(
         },
     )
     shutil.rmtree(out / WORK, ignore_errors=True)
-    # the bookkeeping goes before the store reads its own; first_row's two (it is not called again) are emptied
-    del manifest, items, slot_of, index
-    candidates.clear()  # first_row's (it is not called again)
+    del manifest  # before the store reads its own
     return Store.open(out)
 
 
@@ -931,9 +948,13 @@ class Store:
         self.mean_intensity: float = float(meta["mean_intensity"])
         self.fingerprint: str = str(meta["fingerprint"])
         self.source: dict[str, Any] = dict(meta.get("source", {}))
-        self.manifest: pd.DataFrame = pd.read_parquet(self.root / MANIFEST)
-        kept = self.manifest[self.manifest["status"] == "kept"]
-        self.kept: pd.DataFrame = kept.sort_values("index").reset_index(drop=True)
+        self.manifest: pd.DataFrame = read_table(self.root / MANIFEST)
+        rows = np.flatnonzero(self.manifest["status"].to_numpy() == "kept")
+        rows = rows[np.argsort(self.manifest["index"].to_numpy()[rows])]  # in image order (the indices are unique)
+        # every row kept in image order (most stores): the manifest's own columns, not a copy (copy-on-write
+        # keeps either from seeing the other changed)
+        whole = len(rows) == len(self.manifest) and bool(np.all(rows == np.arange(len(rows))))
+        self.kept: pd.DataFrame = (self.manifest if whole else self.manifest.iloc[rows]).reset_index(drop=True)
         self.images: np.ndarray = np.load(self.root / IMAGES, mmap_mode="r")
         expected = (self.n, self.channels, self.image_size, self.image_size)
         if self.images.shape != expected or len(self.kept) != self.n:
