@@ -4,8 +4,13 @@ two-node Ray cluster: ``test_ray_cluster.py``.)"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,10 +19,12 @@ import yaml
 from test_pipeline import TINY
 from typer.testing import CliRunner
 
+from maskaudit import processes
 from maskaudit.cli import app
 from maskaudit.config import LocalConfig, RayConfig, config_from_dict, load_config
 from maskaudit.errors import MaskauditError
 from maskaudit.executors import LocalExecutor, RayExecutor, head_endpoint, init_address
+from maskaudit.processes import CoreShare, running_job, take_cores
 
 KEYS = ["split", "train_strategy", "fold", "test_strategy", "image_id", "class"]
 
@@ -57,6 +64,90 @@ def test_jobs_in_processes_return_in_order_and_fail_in_one_line(tmp_path: Path):
     text = str(caught.value)
     assert text.startswith("job 3: the process running it died (killed, or out of memory") and "\n" not in text
     assert "the next run resumes each unfinished job after its last saved epoch" in text
+
+
+def threads_in_a_job(start: float, hold: float) -> tuple[int, int]:
+    """A job of the test below: its torch threads at a batch ``start`` seconds in, and at one ``hold`` seconds later."""
+    import torch
+
+    seen = []
+    for wait in (start, hold):
+        time.sleep(wait)
+        take_cores()  # as before each batch
+        seen.append(torch.get_num_threads())
+    return seen[0], seen[1]
+
+
+def test_jobs_at_once_share_the_cores_and_the_last_one_takes_them_all():
+    """Two jobs at once take half the cores each; the third, started while the second runs, takes every core once it
+    runs alone (the grid's tail leaves no core idle)."""
+    cores = os.cpu_count() or 1
+    executor = LocalExecutor(LocalConfig(jobs=2), device="cpu")
+    # job 0 ends at about 1 s; job 2 then starts, job 1 ends at about 4 s, job 2 looks again at about 6.5 s
+    first, second, third = executor.map(threads_in_a_job, [(0.5, 0.5), (0.5, 3.5), (0.5, 5.0)], name="train")
+    half = max(1, cores // 2)
+    assert (first, second, third) == ((half, half), (half, half), (half, cores))
+
+
+def test_a_share_of_the_cores_follows_the_jobs_running():
+    import torch
+
+    before = torch.get_num_threads()
+    share = CoreShare(multiprocessing.get_context("spawn"), cores=6)
+    try:
+        share.attach()
+        with running_job():
+            assert torch.get_num_threads() == 6
+            share.count(+2)  # two more jobs start
+            take_cores()
+            assert torch.get_num_threads() == 2
+            share.count(+4)  # more jobs than cores: one thread each
+            take_cores()
+            assert torch.get_num_threads() == 1
+            share.count(-6)
+        assert share.threads() == 6
+    finally:
+        processes._share = None
+        torch.set_num_threads(before)
+    take_cores()  # outside a job pool: nothing
+    assert torch.get_num_threads() == before
+
+
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    """After keep_freed_memory, training steps (ResNet-18, batch 2, the study's Adam) take no new pages from the
+    kernel: each step reuses the memory the last one freed (glibc; elsewhere it is a no-op)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    script = textwrap.dedent("""
+        import resource
+
+        import torch
+        from torch import nn
+        import torchvision
+        from maskaudit.processes import keep_freed_memory
+        torch.manual_seed(0)
+        torch.set_num_threads(1)  # one thread, one malloc arena: the count is the same every run
+        model = torchvision.models.resnet18(num_classes=1)
+        opt = torch.optim.Adam(model.parameters(), fused=True)
+        x, y = torch.rand(2, 3, 64, 64), torch.ones(2, 1)
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults()
+        default = faults()
+        keep_freed_memory()
+        faults()
+        print(default, faults())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    default, kept = map(int, done.stdout.split())
+    assert default > 5 * 1000 and kept < default / 20, (default, kept)
 
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install maskaudit[ray]`")

@@ -65,13 +65,15 @@ class LocalExecutor:
     at once, each in a worker process of its own (:func:`maskaudit.processes.pool`).
 
     Several at once is the local way to pack jobs on a device, as ``ray.num_gpus: 0.25`` is Ray's: a training at the
-    study's batch of 2 keeps neither a GPU nor a second CPU core busy. Each worker runs torch with cores/jobs threads
-    (measured on 2 cores, ``benchmarks/bench_job.py``: a batch-2 step on one thread is about as fast as on two, but two
-    jobs at once each run about 1.45× slower than one alone, so the grid gains only 1.13× there); on a machine
-    with several GPUs, worker *i* sees GPU *i* modulo their number (``CUDA_VISIBLE_DEVICES``) when ``train.device``
-    is ``auto`` or ``cuda``. A job writes only its own folder, as on Ray; the workers end with this process. A job's
-    own error is raised as the job raised it; a worker that dies (killed, out of memory) stops the stage with one
-    line, and the next run resumes the job after its last saved epoch.
+    study's batch of 2 keeps neither a GPU nor a second CPU core busy. The running jobs share the CPU cores: each
+    takes cores / (jobs running) torch threads, re-read before each batch (:class:`~maskaudit.processes.CoreShare`),
+    so the last job of a grid takes the cores the others left (measured on 2 cores, ``benchmarks/bench_job.py``:
+    two jobs at once each run about 1.4× slower than one alone on both cores, so packing gains little there
+    beyond the tail); on a machine with several GPUs, worker *i* sees GPU *i* modulo their number
+    (``CUDA_VISIBLE_DEVICES``) when ``train.device`` is ``auto`` or ``cuda``. A job writes only its own folder, as
+    on Ray; the workers end with this process. A job's own error is raised as the job raised it; a worker that dies
+    (killed, out of memory) stops the stage with one line, and the next run resumes the job after its last saved
+    epoch.
 
     Parameters
     ----------
@@ -110,15 +112,17 @@ class LocalExecutor:
             gpus = []  # one GPU or none: every worker sees what this process sees
         spread = f", spread over {len(gpus)} GPUs" if gpus else ""
         note = (f"{len(calls)} jobs, {at_once} at once in processes of their own ({threads} CPU thread"
-                f"{'s' if threads != 1 else ''} each{spread}); progress counts finished jobs (`maskaudit status RUN` "
-                "reads the epochs of running ones from their job folders)")
-        slots = processes.pool_context(PRELOAD).SimpleQueue()
+                f"{'s' if threads != 1 else ''} each while {at_once} run, more once fewer do{spread}); progress counts "
+                "finished jobs (`maskaudit status RUN` reads the epochs of running ones from their job folders)")
+        context = processes.pool_context(PRELOAD)
+        slots = context.SimpleQueue()
         for slot in range(at_once):
             slots.put(slot)
+        cores = processes.CoreShare(context, os.cpu_count() or 1)
         results: dict[int, Any] = {}
         with progress.stage(name, total, done=done, note=note) as bar, \
-                processes.pool(at_once, PRELOAD, _init_job_process, (threads, gpus, slots)) as pool:
-            futures = {pool.submit(capture, fn, args): i for i, args in enumerate(calls)}
+                processes.pool(at_once, PRELOAD, _init_job_process, (threads, gpus, slots, cores)) as pool:
+            futures = {pool.submit(_sharing_cores, fn, args): i for i, args in enumerate(calls)}
             try:
                 for future in as_completed(futures):
                     label = job_label(calls[futures[future]])
@@ -155,8 +159,9 @@ def visible_gpus() -> list[str]:
     return named or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _init_job_process(threads: int, gpus: list[str], slots: Any) -> None:
-    """A job process: its share of the CPU threads and, over several GPUs, its one GPU (taken before CUDA starts)."""
+def _init_job_process(threads: int, gpus: list[str], slots: Any, cores: processes.CoreShare) -> None:
+    """A job process: its share of the CPU threads (then, job by job, of the cores: :class:`~maskaudit.processes.
+    CoreShare`) and, over several GPUs, its one GPU (taken before CUDA starts)."""
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -164,6 +169,13 @@ def _init_job_process(threads: int, gpus: list[str], slots: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    cores.attach()
+
+
+def _sharing_cores(fn: Callable[..., Any], args: tuple) -> dict:
+    """:func:`capture` of one job in a job process, counted among the jobs that share the cores while it runs."""
+    with processes.running_job():
+        return capture(fn, args)
 
 
 # ------------------------------------------------------------------------------------------ connecting

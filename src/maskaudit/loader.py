@@ -19,6 +19,7 @@ from maskaudit.data.store import Store
 from maskaudit.errors import MaskauditError
 from maskaudit.masking import apply_strategy, distance_map, roi_at_spread
 from maskaudit.metrics import MAIN
+from maskaudit.processes import take_cores
 from maskaudit.seeds import derive_seed
 from maskaudit.strategies import MaskSpec
 
@@ -155,7 +156,8 @@ def batches(
     num_workers: int = 0,
 ) -> Iterator[Batch]:
     """Yield the images at ``indices`` in batches, with their ROI at ``spec``'s spread; shuffled when a
-    ``generator`` is given."""
+    ``generator`` is given. Before each, a job that shares the CPU cores with others running at once takes its
+    share of them now (:func:`maskaudit.processes.take_cores`)."""
     indices = np.asarray(indices, dtype=np.int64)
     if generator is not None:
         indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
@@ -173,6 +175,7 @@ def batches(
     bits = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)  # np.packbits: high first
     size = store.image_size
     for raw in loader:
+        take_cores()
         images = raw["images"].to(device, non_blocking=True).float().mul_(scale)
         mask = raw.get("roi")
         if "mask" in raw:

@@ -2,15 +2,18 @@
 
 Two parts of an audit run in worker processes on this machine: preparation decodes images in them
 (:func:`maskaudit.data.store.prepare_store`), and the local executor runs several jobs at once in them
-(``local.jobs``, :class:`maskaudit.executors.LocalExecutor`). Both take their pool from :func:`pool`.
+(``local.jobs``, :class:`maskaudit.executors.LocalExecutor`). Both take their pool from :func:`pool`; the jobs
+share the machine's CPU cores through a :class:`CoreShare`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import multiprocessing.context
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -44,16 +47,11 @@ def die_with_parent(lifeline: Any) -> None:
     when its own parent (the fork server) dies (``prctl(PR_SET_PDEATHSIG)``).
     """
     import signal
-    import sys
     import threading
 
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
-            pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "prctl"):
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     if lifeline is None:
         return
 
@@ -65,6 +63,107 @@ def die_with_parent(lifeline: Any) -> None:
         os._exit(1)  # at once: no clean-up is owed to a parent that has ended
 
     threading.Thread(target=watch, name="maskaudit-lifeline", daemon=True).start()
+
+
+class CoreShare:
+    """The CPU cores of this machine, shared among the jobs that run at once in a pool's processes.
+
+    A running job takes ``cores // running`` torch threads (at least one), re-read before each of its batches
+    (:func:`take_cores`), so that the jobs left when fewer remain than processes take the cores the finished ones
+    left idle: the study's grid of 5 folds on 2 processes ends with one job alone, which on one thread ran a third
+    of the grid's time with one core idle (``benchmarks/bench_job.py``). A job's result may change with its
+    thread count in float summation order only (the convolutions split their sums by thread), as it already did
+    between ``local.jobs: 1`` and 2; a ResNet-18 trains bit for bit alike on 1 and 2 threads here.
+
+    Made in the parent process and given to each worker with its pool's ``initargs`` (the counter is shared
+    memory, which a process receives when it starts); :meth:`attach` in the worker, :func:`running_job` around a
+    job.
+    """
+
+    def __init__(self, context: multiprocessing.context.BaseContext, cores: int) -> None:
+        self.cores = max(1, cores)
+        self._running = context.Value("i", 0)
+
+    def attach(self) -> None:
+        """This worker process's jobs share the cores from now on (:func:`take_cores`)."""
+        global _share
+        _share = self
+
+    def count(self, change: int) -> None:
+        with self._running.get_lock():
+            self._running.value += change
+
+    def threads(self) -> int:
+        """A running job's share now: ``cores // running``, at least one."""
+        return max(1, self.cores // max(1, self._running.value))
+
+
+#: this worker process's share of the cores (:meth:`CoreShare.attach`); None outside a job pool
+_share: CoreShare | None = None
+
+
+@contextlib.contextmanager
+def running_job() -> Iterator[None]:
+    """One job of this worker process, counted among those that share the cores while it runs (outside a job pool,
+    just the job)."""
+    share = _share
+    if share is None:
+        yield
+        return
+    share.count(+1)
+    try:
+        take_cores()
+        yield
+    finally:
+        share.count(-1)
+
+
+def take_cores() -> None:
+    """In a job of a pool that shares the cores (:class:`CoreShare`): torch's threads set to the job's share now;
+    elsewhere nothing. Called before each batch (:func:`maskaudit.loader.batches`); it reads one shared integer."""
+    if _share is None:
+        return
+    import torch
+
+    threads = _share.threads()
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
+#: glibc's ``mallopt`` parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, and the largest mmap threshold
+#: it accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX: 4 * 1024 * 1024 * sizeof(long))
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
+#: free memory at the top of the heap this process keeps instead of returning it to the kernel
+KEPT_FREE = 1 << 30
+
+
+def keep_freed_memory() -> None:
+    """Let this process reuse the memory it frees instead of giving it back to the kernel and faulting it in again.
+
+    A training step on the CPU frees and allocates again every gradient and activation: with glibc's defaults
+    (https://man7.org/linux/man-pages/man3/mallopt.3.html), blocks above the mmap threshold are mapped and unmapped
+    each time and a large free heap top is trimmed, so each step faults its memory in anew, zeroed by the kernel
+    (measured on ResNet-18 at 64 px, batch 2: about 4,600 page faults and 14 ms of system time a step, none after
+    this; the step about 1.25x faster). Blocks up to 32 MB (every parameter tensor of the study's models) come
+    from the heap, and up to :data:`KEPT_FREE` bytes of free heap are kept for the next step. A no-op where the C
+    library is not glibc. Nothing is held that a step did not use."""
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREE)
+
+
+@functools.cache
+def _glibc() -> Any:
+    """This process's C library on Linux (``ctypes``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - a process without a C library to open
+        return None
 
 
 def _start(lifeline: Any, initializer: Callable[..., None], initargs: tuple) -> None:

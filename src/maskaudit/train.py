@@ -36,6 +36,7 @@ from maskaudit.data.splits import Splits
 from maskaudit.data.store import Store
 from maskaudit.loader import batches, resolve_device
 from maskaudit.models import Classifier, build_model
+from maskaudit.processes import keep_freed_memory
 from maskaudit.progress import DETAIL, active
 from maskaudit.rundir import atomic_path, read_json, write_json
 from maskaudit.seeds import derive_seed, torch_generator
@@ -149,6 +150,8 @@ def train_job(config: AuditConfig, store: Store, splits: Splits, spec: MaskSpec,
 
     started = time.perf_counter()
     device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # a step's tensors reuse the last step's memory, not new pages (about 1.25x a step)
     classes = store.classes
     train_idx, val_idx = splits.train(fold), splits.val(fold)
     job_seed = derive_seed(config.seed, "train", strategy, fold)
