@@ -252,6 +252,25 @@ def test_models_scored_on_one_read_predict_what_each_alone_does(tmp_path: Path):
     assert audit.is_done("predict") and audit.is_done("metrics")  # predict.models changes no fingerprint
 
 
+def test_the_sweep_of_models_read_together_is_what_each_alone_gives(tmp_path: Path):
+    """The dilation sweep scores its models in groups (``predict.models``), each batch read once for the group: the
+    4 models of 2 strategies × 2 folds together, in groups of 3, and one at a time give the same table, bit for bit."""
+    config = {**TINY, "strategies": ["full", "only_roi"],
+              "analyses": {"run": ["sweep"], "sweep": {"train_strategies": ["full", "only_roi"],
+                                                        "spreads": [0, 50, 500]}}}
+    out = tmp_path / "run"
+    _cli("run", str(_write(tmp_path, config)), "--out", str(out))
+    together = pd.read_parquet(out / "analyses" / "sweep" / "predictions.parquet")
+    assert len(together.groupby(["train_strategy", "fold"])) == 4
+    for at_once in (3, 1):
+        for table in out.glob("jobs/*/fold_*/sweep.parquet"):
+            table.unlink()
+        _write(tmp_path, {**config, "predict": {"models": at_once}})
+        _cli("analyse", "sweep", "--config", str(tmp_path / "audit.yaml"), "--out", str(out), "--force")
+        assert len(list(out.glob("jobs/*/fold_*/sweep.parquet"))) == 4
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "analyses" / "sweep" / "predictions.parquet"), together)
+
+
 def test_external_data_without_masks_is_scored_full_only(tmp_path: Path, cxr_dir: Path):
     data = {"source": "folder", "labels_csv": str(cxr_dir / "labels.csv"), "patient_column": "patient_id",
             "id_column": "image_id", "classes": ["covid"]}

@@ -151,9 +151,12 @@ class Context:
     # -------------------------------------------------------------------------------- per-job outputs
 
     def job_output_current(self, strategy: str, fold: int, part: str) -> bool:
-        """Whether job (strategy, fold) holds part ``part``'s table made from its current inputs."""
-        meta = self.run.job(strategy, fold) / f"{self.outputs[part]}.json"
-        return meta.is_file() and read_json(meta).get("fingerprint") == self.job_fingerprint(part, strategy, fold)
+        """Whether job (strategy, fold) holds part ``part``'s table made from its current inputs (the table, and its
+        record with their fingerprint: a table deleted by hand is made again)."""
+        job_dir = self.run.job(strategy, fold)
+        meta = job_dir / f"{self.outputs[part]}.json"
+        return (meta.is_file() and (job_dir / f"{self.outputs[part]}.parquet").is_file()
+                and read_json(meta).get("fingerprint") == self.job_fingerprint(part, strategy, fold))
 
     def write_job_output(self, strategy: str, fold: int, part: str, table: pd.DataFrame) -> dict:
         """Keep part ``part``'s table of a job as ``<output>.parquet`` beside ``<output>.json`` (its fingerprint)."""

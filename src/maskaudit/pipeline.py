@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from maskaudit.analyses.reader_selection import study_fold
-from maskaudit.analyses.run import ANALYSES, FIGURES, JOB_WORK
+from maskaudit.analyses.run import ANALYSES, FIGURES, GROUP_WORK, JOB_WORK
 from maskaudit.config import AuditConfig, dump_config, load_config
 from maskaudit.context import Context, Plan
 from maskaudit.data.check import check_store, write_check
@@ -71,6 +71,10 @@ TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     *(row for analysis in ANALYSES.values() for row in analysis.stages()),
     Stage("report", reads=("",), after=("metrics", *ANALYSES)),
 )}
+
+#: The per-model parts run in groups of models, each group reading the images once (:meth:`Audit.map_groups`):
+#: part → ``group(ctx, jobs)``, which yields (job, its table)
+GROUPED = {"predictions": predict_jobs, **GROUP_WORK}
 
 
 def _file_stamp(path: Path | None) -> tuple[int, int] | None:
@@ -264,7 +268,11 @@ class Audit:
         log.info("%s: done in %s", stage, format_duration(time.perf_counter() - started))
 
     def map_jobs(self, part: str, jobs: list[tuple[str, int]], total: int | None = None) -> None:
-        """Run part ``part`` for each (strategy, fold) of ``jobs`` on the run's executor."""
+        """Run part ``part`` for each (strategy, fold) of ``jobs`` on the run's executor (in groups of models, one
+        read of the images for each group, for a part that has them: :meth:`map_groups`)."""
+        if part in GROUPED:
+            self.map_groups(part, jobs)
+            return
         total = len(jobs) if total is None else total
         make_executor(self.config).map(run_job, [(type(self), str(self.run.root), part, s, k) for s, k in jobs],
                                        name=self._shown_as(part), total=total, done=total - len(jobs))
@@ -274,8 +282,9 @@ class Audit:
         return next((s.name for s in self.TABLE.values() if s.jobs == part), part)
 
     def map_groups(self, part: str, jobs: list[tuple[str, int]]) -> None:
-        """Run part ``part`` (predictions) on the run's executor with several models per call, each call reading the
-        images once for all its models (:func:`maskaudit.predict.predict_jobs`).
+        """Run part ``part`` (predictions, or a grouped part of an analysis: the sweep's) on the run's executor with
+        several models per call, each call reading the images once for all its models
+        (:func:`maskaudit.predict.predict_jobs`, :data:`GROUPED`).
 
         ``predict.models`` models per call; 0: every job in one call locally (the call loads as many models at a
         time as fit in memory), one per call on Ray (the cluster's workers share the jobs).
@@ -445,15 +454,15 @@ class Audit:
             summary = self.make_model(ctx, strategy, fold)
             track_job(self, strategy, fold)  # MLflow, when `tracking` is set: the finished job's folder; never raises
             return summary
-        if part == "predictions":
+        if part in GROUPED:
             return self.run_group(part, [(strategy, fold)])
         return JOB_WORK[part](ctx, strategy, fold)
 
     def run_group(self, part: str, jobs: Sequence[tuple[str, int]]) -> dict:
-        """The predictions of several models, the images read once for all of them; each job's table is kept in its
-        folder as its group ends."""
+        """Part ``part`` of several models (:data:`GROUPED`), the images read once for all of them; each job's table
+        is kept in its folder as its group ends."""
         ctx = self.context(part)
-        rows = [ctx.write_job_output(s, k, part, table)["rows"] for (s, k), table in predict_jobs(ctx, jobs)]
+        rows = [ctx.write_job_output(s, k, part, table)["rows"] for (s, k), table in GROUPED[part](ctx, jobs)]
         return {"rows": sum(rows), "models": len(rows)}
 
     def make_model(self, ctx: Context, strategy: str, fold: int) -> dict:

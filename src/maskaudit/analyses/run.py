@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +53,13 @@ from maskaudit.analyses.localize import (
     summary_row,
 )
 from maskaudit.analyses.reader_selection import export_cases, select_cases
-from maskaudit.analyses.sweep import sweep_aucs, sweep_figure, sweep_predictions
+from maskaudit.analyses.sweep import sweep_aucs, sweep_figure, sweep_predictions, sweep_steps
 from maskaudit.analyses.verdict import VERDICTS, class_verdict
 from maskaudit.context import Context
 from maskaudit.errors import MaskauditError
 from maskaudit.loader import batches, resolve_device
 from maskaudit.metrics import MAIN, prediction_sets
-from maskaudit.predict import probabilities, scorable_strategies
+from maskaudit.predict import loaded_groups, probabilities, scorable_strategies
 from maskaudit.progress import active
 from maskaudit.report.figures import save_figure
 from maskaudit.rundir import atomic_path, write_table
@@ -139,12 +139,17 @@ def run_sweep(ctx: Context) -> dict:
     return {"rows": len(predictions)}
 
 
-def run_sweep_job(ctx: Context, strategy: str, fold: int) -> dict:
-    """One model's dilation sweep on the hold-out images, kept in its job folder."""
+def sweep_jobs(ctx: Context, jobs: Sequence[tuple[str, int]]) -> Iterator[tuple[tuple[str, int], pd.DataFrame]]:
+    """The models' dilation sweeps on the hold-out images, (job, its table) as each group of models ends: the models
+    are loaded as many at a time as fit (``predict.models``, :func:`maskaudit.predict.loaded_groups`), and each
+    group reads the images once."""
     device = resolve_device(ctx.config.train.device)
-    model = ctx.model(strategy, fold, device)
-    table = sweep_predictions(model, ctx.store, ctx.scored_images(), ctx.masking, ctx.config, strategy, fold, device)
-    return ctx.write_job_output(strategy, fold, "sweep predictions", table)
+    scored = ctx.scored_images()
+    sweep_steps(ctx.config, ctx.store, len(scored), len(jobs))
+    for group in loaded_groups(ctx, jobs, device, ctx.config.predict.models):
+        tables = sweep_predictions(list(group.values()), list(group), ctx.store, scored, ctx.masking, ctx.config,
+                                   device)
+        yield from zip(group, tables, strict=True)
 
 
 # ------------------------------------------------------------------------------------------ explain
@@ -512,16 +517,24 @@ def attribution_evidence(ctx: Context, predictions: pd.DataFrame, cells: set[tup
 
 @dataclass(frozen=True)
 class Part:
-    """A per-model share of an analysis, run as one job per model and kept in its job folder.
+    """A per-model share of an analysis, kept in each model's job folder, run one job per model or in groups.
 
     ``work(ctx, strategy, fold) -> dict`` writes ``jobs/<strategy>/fold_<k>/<output>.parquet`` (through
-    :meth:`Context.write_job_output`); ``reads`` are the config keys it reads beyond its analysis's section.
+    :meth:`Context.write_job_output`); or, for a part whose models read the same images, ``group(ctx, jobs)``
+    yields (job, its table) for several models at once, one read of the images for all of them, and the pipeline
+    writes each table (:meth:`maskaudit.pipeline.Audit.map_groups`). ``reads`` are the config keys it reads beyond
+    its analysis's section.
     """
 
     name: str
     output: str
-    work: Callable[[Context, str, int], dict]
+    work: Callable[[Context, str, int], dict] | None = None
+    group: Callable[[Context, Sequence[tuple[str, int]]], Iterator[tuple[tuple[str, int], pd.DataFrame]]] | None = None
     reads: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.work is None) == (self.group is None):
+            raise ValueError(f"part {self.name!r}: give it work or group, one of the two")
 
 
 @dataclass(frozen=True)
@@ -581,7 +594,7 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in (
              evidence=attribution_evidence, verdict_input="attribution"),
     Analysis("embed", "Embeddings: t-SNE and cosine similarity", run_embed, reads=(FIGURES,)),
     Analysis("sweep", "Dilation sweep", run_sweep, reads=(FIGURES,),
-             parts=(Part("sweep predictions", "sweep", run_sweep_job, reads=("predict.images",)),)),
+             parts=(Part("sweep predictions", "sweep", group=sweep_jobs, reads=("predict.images",)),)),
     Analysis("reader", "Reader-study sheet", run_reader),
     Analysis("localize", "Where the evidence lies: occlusion maps", run_localize,
              reads=("analyses.verdict.min_auc", "analyses.verdict.alpha", "analyses.level", FIGURES),
@@ -592,5 +605,6 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in (
              after=("metrics", "baseline", "explain", "localize")),
 )}
 
-#: Per-model part → its job function (the pipeline maps them as jobs).
-JOB_WORK = {part.name: part.work for a in ANALYSES.values() for part in a.parts}
+#: Per-model part → its job function (the pipeline maps them as jobs), or its group function (in groups of models).
+JOB_WORK = {part.name: part.work for a in ANALYSES.values() for part in a.parts if part.work is not None}
+GROUP_WORK = {part.name: part.group for a in ANALYSES.values() for part in a.parts if part.group is not None}

@@ -3,13 +3,16 @@
 A model (by default the full-image one, every fold) scores the hold-out images with the ROI
 dilated by each spread of the study (0 … 500 pixels at S = 512, scaled to the run's image size
 with :func:`maskaudit.masking.scale_spread`). Under ``only_roi`` a growing ROI gives back the
-surroundings; under ``no_roi`` it takes them away. Each spread is one comparison on the
-store's signed distance maps (``dist <= spread``), never an iterated dilation, and each batch
-of images is read once for all spreads. Spreads that round to the same number of pixels at the
-run's size are scored once and reported under each requested spread.
+surroundings; under ``no_roi`` it takes them away. Each spread is one comparison on the taxicab
+distance to the ROI (``dist <= spread``, computed per batch from the mask: ``Batch.at_spread``), never an
+iterated dilation, and each batch of images is read once for all spreads and for all the models loaded
+together (``predict.models``, grouped as the predict stage groups them). Spreads that round to the same
+number of pixels at the run's size are scored once and reported under each requested spread.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,48 +32,69 @@ from maskaudit.strategies import MaskSpec
 KEYS = ["train_strategy", "test_strategy", "spread", "spread_px", "class"]
 
 
-def sweep_predictions(model: torch.nn.Module, store: Store, indices: np.ndarray, spec: MaskSpec,
-                      config: AuditConfig, train_strategy: str, fold: int, device: torch.device) -> pd.DataFrame:
-    """The model's probabilities on ``indices`` at every spread and test strategy of ``analyses.sweep``.
+def sweep_pixels(config: AuditConfig, store: Store) -> dict[int, int]:
+    """Each spread of ``analyses.sweep`` (at 512 px) → its pixels at the run's image size."""
+    return {s: scale_spread(s, store.image_size) for s in config.analyses.sweep.spreads}
+
+
+def sweep_steps(config: AuditConfig, store: Store, n_images: int, n_models: int) -> None:
+    """The stage display's count for ``n_models`` models' sweeps of ``n_images`` images: images×spreads×models."""
+    sweep = config.analyses.sweep
+    spreads = len(set(sweep_pixels(config, store).values()))
+    active().steps(n_images * spreads * n_models, "images×spreads×models",
+                   note=f"{n_models} model{'s' if n_models != 1 else ''}, {spreads} spreads, each under "
+                        f"{len(sweep.test_strategies)} maskings")
+
+
+def sweep_predictions(models: Sequence[torch.nn.Module], jobs: Sequence[tuple[str, int]], store: Store,
+                      indices: np.ndarray, spec: MaskSpec, config: AuditConfig,
+                      device: torch.device) -> list[pd.DataFrame]:
+    """Each model's probabilities on ``indices`` at every spread and test strategy of ``analyses.sweep``.
+
+    ``jobs`` are the models' (train strategy, fold). Each batch is read once, grown once per spread and masked once
+    per test strategy for all the models (so a model's rows are those it would have alone: the same tensors).
 
     Returns
     -------
-    DataFrame
-        One row per (test strategy, spread, image, class): ``dataset``, ``split``,
+    list of DataFrame
+        Per model, one row per (test strategy, spread, image, class): ``dataset``, ``split``,
         ``train_strategy``, ``fold``, ``test_strategy``, ``spread`` (at 512 px), ``spread_px``
         (at the run's size), ``image_id``, ``class``, ``label``, ``probability``.
     """
     sweep = config.analyses.sweep
-    pixels = {s: scale_spread(s, store.image_size) for s in sweep.spreads}
+    pixels = sweep_pixels(config, store)
     unique_px = sorted(set(pixels.values()))
-    out: dict[tuple[str, int], list[np.ndarray]] = {(t, px): [] for t in sweep.test_strategies for px in unique_px}
-    model.eval()
-    shown = active()  # the stage's display counts images × spreads
-    shown.steps(len(indices) * len(unique_px), "images×spreads",
-                note=f"{len(unique_px)} spreads, each under {len(sweep.test_strategies)} maskings")
+    out = [{(t, px): [] for t in sweep.test_strategies for px in unique_px} for _ in models]
+    for model in models:
+        model.eval()
+    shown = active()  # the stage's display counts images × spreads × models (sweep_steps)
     with torch.no_grad():
         for batch in batches(store, indices, spec, config.predict.batch_size, device,
                              num_workers=config.train.num_workers):
             for px in unique_px:
                 grown = batch.at_spread(px)
                 for test_strategy in sweep.test_strategies:
-                    scores = probabilities(model, grown.masked(test_strategy, spec))
-                    out[test_strategy, px].append(scores.cpu().numpy())
-                shown.step(len(batch.index))
+                    x = grown.masked(test_strategy, spec)
+                    for scores, model in zip(out, models, strict=True):
+                        scores[test_strategy, px].append(probabilities(model, x).cpu().numpy())
+                shown.step(len(batch.index) * len(models))
     image_ids = store.kept["image_id"].to_numpy()[indices]
-    frames = []
-    for test_strategy in sweep.test_strategies:
-        for spread, px in pixels.items():
-            probs = np.concatenate(out[test_strategy, px])
-            for k, name in enumerate(store.classes):
-                frames.append(pd.DataFrame({
-                    "dataset": MAIN, "split": "test", "train_strategy": train_strategy, "fold": fold,
-                    "test_strategy": test_strategy, "spread": spread, "spread_px": px, "image_id": image_ids,
-                    "class": name, "label": store.labels[indices, k], "probability": probs[:, k],
-                }))
-    table = pd.concat(frames, ignore_index=True)
-    table["probability"] = table["probability"].astype("float32")
-    return table
+    tables = []
+    for scores, (train_strategy, fold) in zip(out, jobs, strict=True):
+        frames = []
+        for test_strategy in sweep.test_strategies:
+            for spread, px in pixels.items():
+                probs = np.concatenate(scores[test_strategy, px])
+                for k, name in enumerate(store.classes):
+                    frames.append(pd.DataFrame({
+                        "dataset": MAIN, "split": "test", "train_strategy": train_strategy, "fold": fold,
+                        "test_strategy": test_strategy, "spread": spread, "spread_px": px, "image_id": image_ids,
+                        "class": name, "label": store.labels[indices, k], "probability": probs[:, k],
+                    }))
+        table = pd.concat(frames, ignore_index=True)
+        table["probability"] = table["probability"].astype("float32")
+        tables.append(table)
+    return tables
 
 
 def sweep_aucs(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
