@@ -13,8 +13,9 @@ larger than the epochs), the same initial weights (each job's seed).
     default Adam (a loop over the parameter tensors on the CPU), the jobs one after the other.
 (b) maskaudit at the same settings: ``Audit.train`` on the local executor (jobs one after the other): the store
     read per batch, masking on tensors, shuffled batches, the fused Adam (:func:`maskaudit.train.adam`).
-(c) maskaudit at batch 2 with the grid packed: ``local.jobs: 2``, two jobs at once in processes of their own with
-    one torch thread each (on a GPU: ``local.jobs: 4`` runs four on it); each job is the same job.
+(c) maskaudit at batch 2 with the grid packed: ``local.jobs: 2``, two jobs at once in processes of their own
+    sharing the cores (one torch thread each while both run, both for the last one alone; on a GPU:
+    ``local.jobs: 4`` runs four on it); each job is the same job.
 (d) one job at maskaudit's fast settings for a CPU: batch 16, the learning rate scaled by sqrt(16 / 2).
 (e) (not with ``--quick``) the grid packed on Ray: ``executor: ray`` with ``ray.num_cpus: 1`` on a Ray started
     before the clock (a cluster is up before its jobs), two jobs at once.
