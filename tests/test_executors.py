@@ -66,25 +66,59 @@ def test_jobs_in_processes_return_in_order_and_fail_in_one_line(tmp_path: Path):
     assert "the next run resumes each unfinished job after its last saved epoch" in text
 
 
-def threads_in_a_job(start: float, hold: float) -> tuple[int, int]:
-    """A job of the test below: its torch threads at a batch ``start`` seconds in, and at one ``hold`` seconds later."""
+def _signal(folder: Path, name: str) -> None:
+    (folder / name).touch()
+
+
+def _wait(folder: Path, name: str) -> None:
+    """Until another job has signalled ``name`` (bounded: a minute)."""
+    for _ in range(1200):
+        if (folder / name).exists():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no signal {name!r} in {folder}")
+
+
+def threads_in_a_job(folder: Path, job: int) -> tuple[int, int]:
+    """A job of the test below: its torch threads at two batches (as before each batch, :func:`take_cores`), each
+    looked at at a known point of the three jobs' schedule. The jobs signal each other through files, so the
+    schedule is the same however slowly the worker processes start (a loaded CI machine took more than 0.5 s)."""
     import torch
 
-    seen = []
-    for wait in (start, hold):
-        time.sleep(wait)
-        take_cores()  # as before each batch
-        seen.append(torch.get_num_threads())
-    return seen[0], seen[1]
+    def look() -> int:
+        take_cores()
+        return torch.get_num_threads()
+
+    _signal(folder, f"started {job}")
+    if job == 0:  # runs beside job 1, then ends, letting job 2 start
+        _wait(folder, "started 1")
+        first = second = look()
+        _signal(folder, "looked 0")
+        _wait(folder, "looked 1")
+    elif job == 1:  # runs beside job 0, then beside job 2, then ends
+        _wait(folder, "started 0")
+        first = look()
+        _signal(folder, "looked 1")
+        _wait(folder, "started 2")
+        second = look()
+        _wait(folder, "looked 2")
+    else:  # runs beside job 1, then alone
+        first = look()
+        _signal(folder, "looked 2")
+        for _ in range(1200):  # until job 1 has ended (bounded: a minute)
+            second = look()
+            if second != first:
+                break
+            time.sleep(0.05)
+    return first, second
 
 
-def test_jobs_at_once_share_the_cores_and_the_last_one_takes_them_all():
+def test_jobs_at_once_share_the_cores_and_the_last_one_takes_them_all(tmp_path: Path):
     """Two jobs at once take half the cores each; the third, started while the second runs, takes every core once it
     runs alone (the grid's tail leaves no core idle)."""
     cores = os.cpu_count() or 1
     executor = LocalExecutor(LocalConfig(jobs=2), device="cpu")
-    # job 0 ends at about 1 s; job 2 then starts, job 1 ends at about 4 s, job 2 looks again at about 6.5 s
-    first, second, third = executor.map(threads_in_a_job, [(0.5, 0.5), (0.5, 3.5), (0.5, 5.0)], name="train")
+    first, second, third = executor.map(threads_in_a_job, [(tmp_path, job) for job in range(3)], name="train")
     half = max(1, cores // 2)
     assert (first, second, third) == ((half, half), (half, half), (half, cores))
 
