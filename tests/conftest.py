@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,21 @@ def cxr_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def fundus_dir(shared_data: Path) -> Path:
     return shared_data / "fundus_drishti_gs1"
+
+
+@pytest.fixture(autouse=True)
+def console_logging_ends_with_its_command():
+    """The handlers a command's ``setup_logging`` gave the root logger are removed after each test. A command
+    keeps them for the rest of its process; in a test, CliRunner's stdout they write to is closed when the
+    command returns, and a later test's log lines would end in 'Logging error: I/O operation on closed file'.
+    (pytest's own capture handlers are subclasses of these and are left alone.)"""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) in (logging.StreamHandler, logging.FileHandler, RichHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
