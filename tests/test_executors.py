@@ -66,6 +66,26 @@ def test_jobs_in_processes_return_in_order_and_fail_in_one_line(tmp_path: Path):
     assert "the next run resumes each unfinished job after its last saved epoch" in text
 
 
+def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path):
+    """Each worker imports the main module again, so an unguarded script's workers die as they start; the line says
+    that, not that a worker was killed or ran out of memory."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        from maskaudit.config import LocalConfig
+        from maskaudit.errors import MaskauditError
+        from maskaudit.executors import LocalExecutor
+
+        try:
+            print("RESULT:", LocalExecutor(LocalConfig(jobs=2), device="cpu").map(divmod, [(7, 2)] * 2, name="train"))
+        except MaskauditError as error:
+            print("ERROR:", error)
+        """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    said = [line for line in done.stdout.splitlines() if line.startswith(("RESULT:", "ERROR:"))]
+    assert said == [f"ERROR: {processes.NEVER_STARTED}"], done.stdout + done.stderr
+    assert "if __name__ == \"__main__\":" in processes.NEVER_STARTED
+
+
 def _signal(folder: Path, name: str) -> None:
     (folder / name).touch()
 

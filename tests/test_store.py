@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,31 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(
     assert CountingFolder.loads == 10 - 4  # ten candidates, four already done
     assert store_files(resumed.root) == store_files(reference.root)
     assert not (out / ".partial").exists()
+
+
+class DyingInAWorker(FolderSource):
+    """A folder source whose worker processes die (no clean-up) at their fourth image."""
+
+    loads = 0
+
+    def load(self, record: Record) -> Loaded:
+        DyingInAWorker.loads += 1  # in the worker process that loads it
+        if DyingInAWorker.loads > 3:
+            os._exit(7)
+        return super().load(record)
+
+
+def test_a_worker_that_dies_in_a_preparation_is_one_line_and_the_next_run_resumes(
+    reference: Store, folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "prepared"
+    with pytest.raises(MaskauditError) as caught:
+        prepare_store(DyingInAWorker(config_for(folder)), out, SIZE, ("roi+box",), workers=2, progress=False)
+    text = str(caught.value)
+    assert text.startswith("preparation: a worker process died (killed, or out of memory") and "\n" not in text
+    assert not (out / "store.json").exists()
+    resumed = prepare_store(FolderSource(config_for(folder)), out, SIZE, ("roi+box",), workers=1, progress=False)
+    assert store_files(resumed.root) == store_files(reference.root)
 
 
 def test_an_interrupted_preparation_resumes(reference: Store, folder: Path, tmp_path: Path) -> None:

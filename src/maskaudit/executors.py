@@ -129,6 +129,8 @@ class LocalExecutor:
                     try:
                         out = future.result()
                     except BrokenProcessPool:
+                        if pool.none_started():
+                            raise  # processes.pool says why: NEVER_STARTED
                         raise MaskauditError(
                             f"job {label}: the process running it died (killed, or out of memory: the system log "
                             f"says which; local.jobs: {at_once} runs that many at once); the next run resumes each "

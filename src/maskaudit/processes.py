@@ -16,7 +16,18 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from maskaudit.errors import MaskauditError
+
+#: why a pool broke when none of its workers got as far as starting: what is nearly always the cause, and its remedy
+NEVER_STARTED = (
+    "maskaudit's worker processes all died as they started, before their first task (each printed its error above); "
+    "a Python script that runs maskaudit with several processes (local.jobs or workers above 1) must do so under "
+    "`if __name__ == \"__main__\":`, because each worker imports the script again "
+    "(https://docs.python.org/3/library/multiprocessing.html#the-spawn-and-forkserver-start-methods)"
+)
 
 
 def pool_context(preload: Sequence[str]) -> multiprocessing.context.BaseContext:
@@ -166,19 +177,44 @@ def _glibc() -> Any:
         return None
 
 
-def _start(lifeline: Any, initializer: Callable[..., None], initargs: tuple) -> None:
+def _start(started: Any, lifeline: Any, initializer: Callable[..., None], initargs: tuple) -> None:
+    with started.get_lock():
+        started.value += 1
     die_with_parent(lifeline)
     initializer(*initargs)
 
 
+class WorkerPool(ProcessPoolExecutor):
+    """A :class:`ProcessPoolExecutor` that knows whether any of its workers got as far as starting."""
+
+    def __init__(self, workers: int, context: multiprocessing.context.BaseContext, lifeline: Any,
+                 initializer: Callable[..., None], initargs: tuple) -> None:
+        self._started = context.Value("i", 0)
+        super().__init__(workers, mp_context=context, initializer=_start,
+                         initargs=(self._started, lifeline, initializer, initargs))
+
+    def none_started(self) -> bool:
+        """No worker has reached its initializer: each died while Python made it (importing the main module again,
+        unpickling), which is where a script without a main guard fails (:data:`NEVER_STARTED`)."""
+        return self._started.value == 0
+
+
 @contextlib.contextmanager
 def pool(workers: int, preload: Sequence[str], initializer: Callable[..., None], initargs: tuple = (),
-         ) -> Iterator[ProcessPoolExecutor]:
+         ) -> Iterator[WorkerPool]:
     """A pool of ``workers`` processes (:func:`pool_context`), each tied to this process (:func:`die_with_parent`)
-    and then set up by ``initializer(*initargs)``; it waits for its running tasks when the block ends."""
+    and then set up by ``initializer(*initargs)``; it waits for its running tasks when the block ends.
+
+    A pool that breaks before any worker started raises the one line :data:`NEVER_STARTED` instead of
+    :class:`BrokenProcessPool` (whose message, "terminated abruptly", reads as a killed or out-of-memory worker).
+    """
     context = pool_context(preload)
     lifeline, alive = context.Pipe(duplex=False)  # the workers' lifeline; this process alone writes it
-    with contextlib.closing(alive), contextlib.closing(lifeline), ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start, initargs=(lifeline, initializer, initargs)
-    ) as executor:
-        yield executor
+    with contextlib.closing(alive), contextlib.closing(lifeline), \
+            WorkerPool(workers, context, lifeline, initializer, initargs) as executor:
+        try:
+            yield executor
+        except BrokenProcessPool:
+            if executor.none_started():
+                raise MaskauditError(NEVER_STARTED) from None
+            raise

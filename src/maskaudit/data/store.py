@@ -42,6 +42,7 @@ import shutil
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -598,7 +599,16 @@ def _run(
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
                         for future in sorted(finished, key=running.__getitem__):
                             del running[future]
-                            slots.put(future.result())
+                            try:
+                                result = future.result()
+                            except BrokenProcessPool:
+                                if pool.none_started():
+                                    raise  # processes.pool says why: NEVER_STARTED
+                                raise MaskauditError(
+                                    "preparation: a worker process died (killed, or out of memory: the system log "
+                                    f"says which; workers: {workers} run at once); the images prepared so far are "
+                                    "kept and the next run resumes after them") from None
+                            slots.put(result)
                             bar.advance()
                             submit()
                 except BaseException:
