@@ -34,7 +34,6 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import as_completed
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from maskaudit import processes, progress
@@ -126,15 +125,10 @@ class LocalExecutor:
             try:
                 for future in as_completed(futures):
                     label = job_label(calls[futures[future]])
-                    try:
-                        out = future.result()
-                    except BrokenProcessPool:
-                        if pool.none_started():
-                            raise  # processes.pool says why: NEVER_STARTED
-                        raise MaskauditError(
-                            f"job {label}: the process running it died (killed, or out of memory: the system log "
-                            f"says which; local.jobs: {at_once} runs that many at once); the next run resumes each "
-                            "unfinished job after its last saved epoch") from None
+                    out = pool.result(future, died=(
+                        f"job {label}: the process running it died (killed, or out of memory: the system log "
+                        f"says which; local.jobs: {at_once} runs that many at once); the next run resumes each "
+                        "unfinished job after its last saved epoch"))
                     replay(out["log"])
                     results[futures[future]] = out["result"]
                     bar.job_finished_elsewhere(label, out["result"])

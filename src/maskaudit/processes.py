@@ -15,7 +15,7 @@ import multiprocessing.context
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -197,6 +197,16 @@ class WorkerPool(ProcessPoolExecutor):
         """No worker has reached its initializer: each died while Python made it (importing the main module again,
         unpickling), which is where a script without a main guard fails (:data:`NEVER_STARTED`)."""
         return self._started.value == 0
+
+    def result(self, future: Future, died: str) -> Any:
+        """``future``'s result. A worker that died running it is the one line ``died`` (what died, what to do next);
+        a pool none of whose workers started is left to :func:`pool`, which says why (:data:`NEVER_STARTED`)."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            if self.none_started():
+                raise
+            raise MaskauditError(died) from None
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ import shutil
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -599,16 +598,10 @@ def _run(
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
                         for future in sorted(finished, key=running.__getitem__):
                             del running[future]
-                            try:
-                                result = future.result()
-                            except BrokenProcessPool:
-                                if pool.none_started():
-                                    raise  # processes.pool says why: NEVER_STARTED
-                                raise MaskauditError(
-                                    "preparation: a worker process died (killed, or out of memory: the system log "
-                                    f"says which; workers: {workers} run at once); the images prepared so far are "
-                                    "kept and the next run resumes after them") from None
-                            slots.put(result)
+                            slots.put(pool.result(future, died=(
+                                "preparation: a worker process died (killed, or out of memory: the system log says "
+                                f"which; workers: {workers} run at once); the images prepared so far are kept and "
+                                "the next run resumes after them")))
                             bar.advance()
                             submit()
                 except BaseException:
