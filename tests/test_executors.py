@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pandas as pd
@@ -84,6 +85,16 @@ def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path):
     said = [line for line in done.stdout.splitlines() if line.startswith(("RESULT:", "ERROR:"))]
     assert said == [f"ERROR: {processes.NEVER_STARTED}"], done.stdout + done.stderr
     assert "if __name__ == \"__main__\":" in processes.NEVER_STARTED
+
+
+def test_a_submission_to_a_broken_pool_is_the_pool_s_one_line():
+    """A worker dies while the caller handles another task's result: its next submission, not a result, finds the
+    pool broken, and is the same one line."""
+    with pytest.raises(MaskauditError, match="^a worker died; resume$"), \
+            processes.pool(1, [], int, died="a worker died; resume") as pool:
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(os._exit, 3).result()  # os._exit(3) ends the worker process at once
+        pool.submit(divmod, 7, 2)
 
 
 def _signal(folder: Path, name: str) -> None:

@@ -34,6 +34,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from maskaudit import processes, progress
@@ -119,16 +120,19 @@ class LocalExecutor:
             slots.put(slot)
         cores = processes.CoreShare(context, os.cpu_count() or 1)
         results: dict[int, Any] = {}
+        died = (f"died (killed, or out of memory: the system log says which; local.jobs: {at_once} runs that many "
+                "at once); the next run resumes each unfinished job after its last saved epoch")
         with progress.stage(name, total, done=done, note=note) as bar, \
-                processes.pool(at_once, PRELOAD, _init_job_process, (threads, gpus, slots, cores)) as pool:
+                processes.pool(at_once, PRELOAD, _init_job_process, (threads, gpus, slots, cores),
+                               died=f"a job process {died}") as pool:
             futures = {pool.submit(_sharing_cores, fn, args): i for i, args in enumerate(calls)}
             try:
                 for future in as_completed(futures):
                     label = job_label(calls[futures[future]])
-                    out = pool.result(future, died=(
-                        f"job {label}: the process running it died (killed, or out of memory: the system log "
-                        f"says which; local.jobs: {at_once} runs that many at once); the next run resumes each "
-                        "unfinished job after its last saved epoch"))
+                    try:
+                        out = future.result()
+                    except BrokenProcessPool:
+                        raise pool.broken(f"job {label}: the process running it {died}") from None
                     replay(out["log"])
                     results[futures[future]] = out["result"]
                     bar.job_finished_elsewhere(label, out["result"])

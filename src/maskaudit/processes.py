@@ -15,7 +15,7 @@ import multiprocessing.context
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -198,25 +198,21 @@ class WorkerPool(ProcessPoolExecutor):
         unpickling), which is where a script without a main guard fails (:data:`NEVER_STARTED`)."""
         return self._started.value == 0
 
-    def result(self, future: Future, died: str) -> Any:
-        """``future``'s result. A worker that died running it is the one line ``died`` (what died, what to do next);
-        a pool none of whose workers started is left to :func:`pool`, which says why (:data:`NEVER_STARTED`)."""
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            if self.none_started():
-                raise
-            raise MaskauditError(died) from None
+    def broken(self, died: str) -> MaskauditError:
+        """The one line for this pool's :class:`BrokenProcessPool`: :data:`NEVER_STARTED` when no worker started,
+        else ``died`` (what died, what to do next)."""
+        return MaskauditError(NEVER_STARTED if self.none_started() else died)
 
 
 @contextlib.contextmanager
-def pool(workers: int, preload: Sequence[str], initializer: Callable[..., None], initargs: tuple = (),
-         ) -> Iterator[WorkerPool]:
+def pool(workers: int, preload: Sequence[str], initializer: Callable[..., None], initargs: tuple = (), *,
+         died: str) -> Iterator[WorkerPool]:
     """A pool of ``workers`` processes (:func:`pool_context`), each tied to this process (:func:`die_with_parent`)
     and then set up by ``initializer(*initargs)``; it waits for its running tasks when the block ends.
 
-    A pool that breaks before any worker started raises the one line :data:`NEVER_STARTED` instead of
-    :class:`BrokenProcessPool` (whose message, "terminated abruptly", reads as a killed or out-of-memory worker).
+    A pool that breaks (a worker killed, out of memory, or dead as it started) raises one line instead of
+    :class:`BrokenProcessPool`, from a task's result or from a submission to the broken pool alike
+    (:meth:`WorkerPool.broken`): ``died``, or :data:`NEVER_STARTED` when no worker got as far as starting.
     """
     context = pool_context(preload)
     lifeline, alive = context.Pipe(duplex=False)  # the workers' lifeline; this process alone writes it
@@ -225,6 +221,4 @@ def pool(workers: int, preload: Sequence[str], initializer: Callable[..., None],
         try:
             yield executor
         except BrokenProcessPool:
-            if executor.none_started():
-                raise MaskauditError(NEVER_STARTED) from None
-            raise
+            raise executor.broken(died) from None

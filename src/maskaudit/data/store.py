@@ -582,7 +582,10 @@ def _run(
                     slots.put(_process(source, candidates[slot], slot, settings))
                     bar.advance()
                 return
-            with processes.pool(workers, [__name__], _init_worker, (source, settings)) as pool:
+            died = ("preparation: a worker process died (killed, or out of memory: the system log says which; "
+                    f"workers: {workers} run at once); the images prepared so far are kept and the next run resumes "
+                    "after them")
+            with processes.pool(workers, [__name__], _init_worker, (source, settings), died=died) as pool:
                 queue = iter(todo)
                 running: dict[Future[_Result], int] = {}
 
@@ -598,10 +601,7 @@ def _run(
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
                         for future in sorted(finished, key=running.__getitem__):
                             del running[future]
-                            slots.put(pool.result(future, died=(
-                                "preparation: a worker process died (killed, or out of memory: the system log says "
-                                f"which; workers: {workers} run at once); the images prepared so far are kept and "
-                                "the next run resumes after them")))
+                            slots.put(future.result())
                             bar.advance()
                             submit()
                 except BaseException:
