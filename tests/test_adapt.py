@@ -111,6 +111,9 @@ def test_adapted_models_are_rows_of_the_prediction_table_and_train_as_jobs(adapt
     assert shown["adapt"] == "done" and "train" not in shown  # `maskaudit status` lists the probe's training
     training = pd.read_parquet(adapted / "metrics" / "training.parquet")
     assert set(training["train_strategy"]) == {"my-classifier+no_roi_bbox", "my-classifier+only_roi", "roi_shape"}
+    # whose keys its advice names, were a job undertrained: the adapted copies' recipe, the shape control's
+    assert dict(zip(training["train_strategy"], training["settings"], strict=False)) == {
+        "my-classifier+no_roi_bbox": "adapt", "my-classifier+only_roi": "adapt", "roi_shape": "adapt.shape"}
     html = (adapted / "report.html").read_text()
     assert "light cross-masking" in html and "fine-tuned on only_roi" in html
 

@@ -54,13 +54,17 @@ def test_training_table_tells_never_learnt_from_learnt_but_not_kept(tmp_path: Pa
     assert strict.loc[("only_roi", "a"), "learnt"] == 0
 
 
-def _training(rows: list[tuple[str, int, float, float, bool]], name: str = "covid") -> pd.DataFrame:
-    """Rows of metrics/training: (strategy, fold, kept_learnt, learnt, stopped_early)."""
+def _training(rows: list[tuple[str, int, float, float, bool]], name: str = "covid",
+              settings: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rows of metrics/training: (strategy, fold, kept_learnt, learnt, stopped_early); ``settings``: strategy → the
+    config section its jobs trained with (default ``train``)."""
+    settings = settings or {}
     return pd.DataFrame([{"train_strategy": t, "fold": k, "class": name, "epochs_run": 6, "stopped_early": stop,
                           "monitor": "val_loss", "kept_epoch": 1, "kept_auc": 0.51, "kept_ci_low": 0.4,
                           "kept_ci_high": 0.62, "best_auc": 0.8 if learnt else 0.55, "best_epoch": 4,
                           "best_ci_low": 0.6 if learnt else 0.45, "first_learnt_epoch": 4 if learnt else -1,
-                          "learnt": float(learnt), "kept_learnt": float(kept)} for t, k, kept, learnt, stop in rows])
+                          "learnt": float(learnt), "kept_learnt": float(kept), "settings": settings.get(t, "train")}
+                         for t, k, kept, learnt, stop in rows])
 
 
 def test_flags_and_advice_name_each_case():
@@ -75,6 +79,34 @@ def test_flags_and_advice_name_each_case():
     advice = undertraining_advice(flags)
     assert "train.monitor: val_auc" in advice and "train.patience" in advice and "train.epochs" in advice
     assert undertraining_advice(flags.iloc[[1]]) == "stop later (a larger train.patience, or train.min_epochs)"
+
+
+def test_the_advice_names_the_keys_each_job_trained_with(tmp_path: Path):
+    # a probe's adapted copy trains with adapt's recipe, its shape control with adapt.shape's: train.* changes neither
+    jobs = dict([_job(tmp_path, "m+only_roi", 0, {"val_auc_a": [0.5, 0.5], "val_auc_variance_a": [0.01, 0.01]},
+                      kept=0, stopped=False),
+                 _job(tmp_path, "roi_shape", 0, {"val_auc_a": [0.5], "val_auc_variance_a": [0.01]}, kept=0)])
+    table = training_table(jobs, ["a"], settings={"m+only_roi": "adapt", "roi_shape": "adapt.shape"})
+    assert dict(zip(table["train_strategy"], table["settings"], strict=True)) == {"m+only_roi": "adapt",
+                                                                                  "roi_shape": "adapt.shape"}
+    assert set(training_table(jobs, ["a"])["settings"]) == {"train"}  # a full audit's jobs
+    flags = pd.DataFrame(undertrained_flags(table))
+    assert "it ran every epoch of adapt.epochs" in flags["text"].iloc[0]
+    advice = undertraining_advice(flags)
+    assert advice == "stop later (a larger adapt.shape.patience); train longer (adapt.epochs)"
+    adapted = {"m+only_roi": "adapt"}
+    kept = undertraining_advice(pd.DataFrame(undertrained_flags(_training([("m+only_roi", 0, 0, 1, True)],
+                                                                          settings=adapted))))
+    assert kept.startswith("adapt has no setting for it") and "train." not in kept
+    # both kinds of job at once: each case once, by case, then by section
+    both = _training([("no_roi", 0, 0, 0, False), ("m+only_roi", 0, 0, 0, False), ("m+only_roi", 1, 0, 0, False)],
+                     settings=adapted)
+    assert undertraining_advice(pd.DataFrame(undertrained_flags(both))) == \
+        "train longer (train.epochs); train longer (adapt.epochs)"
+    # a training table from before the settings were recorded: its jobs trained with train.*
+    older = _training([("no_roi", 0, 0, 0, True)]).drop(columns="settings")
+    assert undertraining_advice(pd.DataFrame(undertrained_flags(older))) == \
+        "stop later (a larger train.patience, or train.min_epochs)"
 
 
 def test_undertrained_flags_replace_val_chance_for_the_jobs_they_know():

@@ -16,6 +16,7 @@ validation images during training, and whether the weights it kept had.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -140,13 +141,16 @@ def prediction_sets(predictions: pd.DataFrame, class_name: str, train_strategy: 
             for fold, group in part.groupby("fold", sort=True)}
 
 
+#: the config section a model's training settings come from, unless the audit says another (:func:`training_table`)
+TRAIN_SETTINGS = "train"
 #: The columns of :func:`training_table`.
 TRAINING_COLUMNS = ["train_strategy", "fold", "class", "epochs_run", "stopped_early", "monitor", "kept_epoch",
                     "kept_auc", "kept_ci_low", "kept_ci_high", "best_auc", "best_epoch", "best_ci_low",
-                    "first_learnt_epoch", "learnt", "kept_learnt"]
+                    "first_learnt_epoch", "learnt", "kept_learnt", "settings"]
 
 
-def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level: float = 0.95) -> pd.DataFrame:
+def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level: float = 0.95,
+                   settings: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Per trained model (``(strategy, fold) → job folder``) and class: did it learn the class, and did it keep it?
 
     From the job's ``history.csv`` (each epoch's validation AUC of each class and its DeLong variance, recorded by
@@ -158,7 +162,12 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
     small validation set); ``best_ci_low`` is the highest such corrected lower bound, ``first_learnt_epoch`` the
     first epoch above 0.5 (-1: none). Both are NaN (unknown) for a history without variances (a run from before
     they were recorded); a job without a history (a probe's models) has no row.
+
+    ``settings``: the config section whose keys a strategy's jobs trained with (``adapt`` for a probe's adapted
+    copies, ``adapt.shape`` for its shape control; ``train``, the default, for the rest): the section the advice
+    names (:func:`maskaudit.analyses.evidence.undertraining_advice`).
     """
+    settings = settings or {}
     z = z_critical(level)
     rows = []
     for (strategy, fold), job_dir in jobs.items():
@@ -193,5 +202,6 @@ def training_table(jobs: dict[tuple[str, int], Path], classes: list[str], level:
                 "first_learnt_epoch": int(history["epoch"][np.flatnonzero(shows)[0]]) if shows.any() else -1,
                 "learnt": float(shows.any()) if known.any() else np.nan,
                 "kept_learnt": float(low[at] > 0.5) if at is not None and known[at] else np.nan,
+                "settings": settings.get(strategy, TRAIN_SETTINGS),
             })
     return pd.DataFrame(rows, columns=TRAINING_COLUMNS)

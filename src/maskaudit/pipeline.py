@@ -396,7 +396,8 @@ class Audit:
             write_table(self.run.metrics / "auc_by_fold.parquet", by_fold, csv=True)
             write_table(self.run.metrics / "auc_matrix.parquet", matrix, csv=True)
             write_table(self.run.metrics / "delong.parquet", delong_table(predictions), csv=True)
-            training = training_table({job: self.run.job(*job) for job in self.jobs}, c.classes, c.analyses.level)
+            training = training_table({job: self.run.job(*job) for job in self.jobs}, c.classes, c.analyses.level,
+                                      self.training_settings())
             write_table(self.run.metrics / "training.parquet", training, csv=True)
             panels = [(MAIN, "test", "hold-out", "auc_{}")]
             panels += [(name, "external", name, f"auc_{name}_{{}}") for name in self.datasets[1:]]
@@ -413,6 +414,11 @@ class Audit:
     def heatmap_title(self) -> str:
         """What an AUC heatmap's cells are the AUC of."""
         return f"mean of {self.config.folds} folds"
+
+    def training_settings(self) -> dict[str, str]:
+        """The config section each trained strategy's settings come from, where not ``train``
+        (:func:`~maskaudit.metrics.training_table`): none in a full audit."""
+        return {}
 
     def analyse(self, name: str, force: bool = False) -> None:
         """One analysis of SPEC §6/§8 (see :mod:`maskaudit.analyses.run`); needs the metrics stage."""

@@ -115,6 +115,11 @@ class ProbeAudit(Audit):
         tuned, controls = adapted_split(s for s in STRATEGIES if s in self.config.adapt.strategies)
         return {adapted_name(m, s): (m, s) for m in self.probed for s in tuned} | {s: (None, s) for s in controls}
 
+    def training_settings(self) -> dict[str, str]:
+        """An adapted copy trains with ``adapt``'s recipe, the shape control with ``adapt.shape``'s
+        (:func:`maskaudit.adapt.adapt_job`, :func:`~maskaudit.adapt.shape_job`)."""
+        return {name: "adapt" if of is not None else "adapt.shape" for name, (of, _) in self.adapted.items()}
+
     @property
     def adapt_folds(self) -> list[int]:
         """The folds each adapted model is trained on: the first ``adapt.folds`` (default every fold)."""

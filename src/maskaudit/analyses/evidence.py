@@ -27,10 +27,10 @@ the thresholds of ``analyses.verdict.evidence``:
                     study's rule, can be an early epoch once the model starts to fit a class that has no
                     signal). It replaces ``val_chance`` for the jobs whose history says so, and gives the
                     advice that fits (more epochs, ``train.min_epochs``, a larger ``train.patience``,
-                    ``train.monitor: val_auc``). A masked model that did not learn a class is what removing
-                    the class's evidence gives, *or* a training cut short: a cell whose model did not learn
-                    is not read as evidence of absence where that decides the verdict
-                    (:mod:`maskaudit.analyses.verdict`, ``undertrained``).
+                    ``train.monitor: val_auc``; for a probe's adapted copies, ``adapt``'s keys). A masked
+                    model that did not learn a class is what removing the class's evidence gives, *or* a
+                    training cut short: a cell whose model did not learn is not read as evidence of absence
+                    where that decides the verdict (:mod:`maskaudit.analyses.verdict`, ``undertrained``).
 ``baseline_fewer``  the metadata baseline scored on fewer hold-out images, or fitted on fewer training
                     images, than the image models it is compared with (rows without metadata are
                     dropped): both counts are given.
@@ -44,11 +44,12 @@ from pathlib import Path
 import pandas as pd
 
 from maskaudit.config import EvidenceConfig
+from maskaudit.metrics import TRAIN_SETTINGS
 
 #: Columns of the table of weak-evidence flags (:func:`evidence_flags`); ``short`` is the flag in a few words
-#: for lists that gather several (a fold's count, a fold's AUC).
+#: for lists that gather several (a fold's count, a fold's AUC); ``advice``, what to change (``undertrained`` only).
 FLAG_COLUMNS = ["kind", "dataset", "split", "class", "train_strategy", "test_strategy", "fold", "auc", "ci_low",
-                "ci_high", "short", "text"]
+                "ci_high", "short", "text", "advice"]
 
 #: flag kind → what the report calls it
 FLAG_KINDS = {
@@ -89,10 +90,10 @@ def _auc_text(auc: float, low: float, high: float) -> str:
 
 def _flag(kind: str, dataset: str, split: str, name: str, text: str, short: str = "", train: str = "",
           test: str = "", fold: object = "", auc: float = math.nan, low: float = math.nan,
-          high: float = math.nan) -> dict:
+          high: float = math.nan, advice: str = "") -> dict:
     return {"kind": kind, "dataset": dataset, "split": split, "class": name, "train_strategy": train,
             "test_strategy": test, "fold": "" if fold is None else str(fold), "auc": auc, "ci_low": low,
-            "ci_high": high, "short": short or text, "text": text}
+            "ci_high": high, "short": short or text, "text": text, "advice": advice}
 
 
 def _few(counts: pd.DataFrame, keys: list[str], rules: EvidenceConfig) -> list[dict]:
@@ -188,9 +189,11 @@ def _val_chance(by_fold: pd.DataFrame, rules: EvidenceConfig) -> list[dict]:
 
 
 def undertrained_flags(training: pd.DataFrame) -> list[dict]:
-    """``undertrained`` flags: each job whose kept weights are at chance for a class on its validation images."""
+    """``undertrained`` flags: each job whose kept weights are at chance for a class on its validation images, with
+    what to change in its config section (``advice``: :data:`_ADVICE`)."""
     flags = []
     for _, r in training[training["kept_learnt"] == 0].iterrows():
+        case = 0 if r["learnt"] == 1 else 1 if r["stopped_early"] else 2
         model = f"Fold {r['fold']}'s {r['train_strategy']} model"
         kept = _auc_text(r["kept_auc"], r["kept_ci_low"], r["kept_ci_high"])
         criterion = "validation AUC" if r["monitor"] == "val_auc" else "validation loss"
@@ -202,7 +205,8 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
             short = (f"fold {r['fold']} kept epoch {int(r['kept_epoch']) + 1}, learnt at epoch "
                      f"{int(r['first_learnt_epoch']) + 1}")
         else:
-            ended = "early stopping ended it" if r["stopped_early"] else "it ran every epoch of train.epochs"
+            ended = "early stopping ended it" if r["stopped_early"] else \
+                f"it ran every epoch of {_settings(r)}.epochs"
             best = f"best AUC {r['best_auc']:.2f} at epoch {int(r['best_epoch']) + 1}" if _finite(r["best_auc"]) \
                 else "no AUC"
             text = (f"{model} never rose above chance for {r['class']} on its validation images in its "
@@ -211,23 +215,37 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
                 (" (stopped early)" if r["stopped_early"] else "")
         flags.append(_flag("undertrained", _MAIN, "val", r["class"], text, short=short, train=r["train_strategy"],
                            test=r["train_strategy"], fold=r["fold"], auc=float(r["kept_auc"]),
-                           low=float(r["kept_ci_low"]), high=float(r["kept_ci_high"])))
+                           low=float(r["kept_ci_low"]), high=float(r["kept_ci_high"]),
+                           advice=_ADVICE[_settings(r)][case]))
     return flags
 
 
+#: per config section a model trains with (:func:`maskaudit.metrics.training_table`'s ``settings``), what to set in
+#: each case of an ``undertrained`` flag: the kept weights at chance although an epoch learnt the class; early
+#: stopping ended it before it learnt; it ran out of epochs. A probe's adapted copies and shape control have neither
+#: a monitor nor a minimum of epochs: they keep the weights of their lowest validation loss.
+_ADVICE = {
+    "train": ("keep the weights by the validation AUC (train.monitor: val_auc)",
+              "stop later (a larger train.patience, or train.min_epochs)", "train longer (train.epochs)"),
+    **{section: (f"{section} has no setting for it: its jobs keep the weights of their lowest validation loss",
+                 f"stop later (a larger {section}.patience)", f"train longer ({section}.epochs)")
+       for section in ("adapt", "adapt.shape")},
+}
+#: every advice, in the order :func:`undertraining_advice` gives them: by case, then by section
+_ADVICE_ORDER = [advice[case] for case in range(3) for advice in _ADVICE.values()]
+
+
+def _settings(row: pd.Series) -> str:
+    """The config section the job of ``row`` trained with (a table from before it was recorded: ``train``)."""
+    section = row.get("settings")
+    return section if isinstance(section, str) and section in _ADVICE else TRAIN_SETTINGS
+
+
 def undertraining_advice(flags: pd.DataFrame) -> str:
-    """What to change in training, from ``undertrained`` flags (:func:`undertrained_flags`: the texts say the case)."""
-    kept = flags["text"].str.contains(" but kept the weights of epoch ").any()
-    stopped = flags["text"].str.contains("early stopping ended it").any()
-    ran_out = flags["text"].str.contains("it ran every epoch").any()
-    advice = []
-    if kept:
-        advice.append("keep the weights by the validation AUC (train.monitor: val_auc)")
-    if stopped:
-        advice.append("stop later (a larger train.patience, or train.min_epochs)")
-    if ran_out:
-        advice.append("train longer (train.epochs)")
-    return "; ".join(advice)
+    """What to change in training, from ``undertrained`` flags (:func:`undertrained_flags`): each flag's advice once,
+    by case, then by the config section the flagged jobs trained with (:data:`_ADVICE`)."""
+    found = {advice for advice in flags["advice"] if advice} if len(flags) else set()
+    return "; ".join(sorted(found, key=_ADVICE_ORDER.index))
 
 
 def _span(values: pd.Series) -> str:
