@@ -197,7 +197,7 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
         model = f"Fold {r['fold']}'s {r['train_strategy']} model"
         kept = _auc_text(r["kept_auc"], r["kept_ci_low"], r["kept_ci_high"])
         criterion = "validation AUC" if r["monitor"] == "val_auc" else "validation loss"
-        if r["learnt"] == 1:
+        if case == 0:
             text = (f"{model} learnt {r['class']} on its validation images (AUC {r['best_auc']:.2f} at epoch "
                     f"{int(r['best_epoch']) + 1}, CI lower bound {r['best_ci_low']:.2f} corrected for the epochs "
                     "looked at) but kept the weights of "
@@ -205,8 +205,7 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
             short = (f"fold {r['fold']} kept epoch {int(r['kept_epoch']) + 1}, learnt at epoch "
                      f"{int(r['first_learnt_epoch']) + 1}")
         else:
-            ended = "early stopping ended it" if r["stopped_early"] else \
-                f"it ran every epoch of {_settings(r)}.epochs"
+            ended = "early stopping ended it" if case == 1 else f"it ran every epoch of {_settings(r)}.epochs"
             best = f"best AUC {r['best_auc']:.2f} at epoch {int(r['best_epoch']) + 1}" if _finite(r["best_auc"]) \
                 else "no AUC"
             text = (f"{model} never rose above chance for {r['class']} on its validation images in its "
@@ -225,7 +224,7 @@ def undertrained_flags(training: pd.DataFrame) -> list[dict]:
 #: stopping ended it before it learnt; it ran out of epochs. A probe's adapted copies and shape control have neither
 #: a monitor nor a minimum of epochs: they keep the weights of their lowest validation loss.
 _ADVICE = {
-    "train": ("keep the weights by the validation AUC (train.monitor: val_auc)",
+    TRAIN_SETTINGS: ("keep the weights by the validation AUC (train.monitor: val_auc)",
               "stop later (a larger train.patience, or train.min_epochs)", "train longer (train.epochs)"),
     **{section: (f"{section} has no setting for it: its jobs keep the weights of their lowest validation loss",
                  f"stop later (a larger {section}.patience)", f"train longer ({section}.epochs)")
@@ -238,7 +237,7 @@ _ADVICE_ORDER = [advice[case] for case in range(3) for advice in _ADVICE.values(
 def _settings(row: pd.Series) -> str:
     """The config section the job of ``row`` trained with (a table from before it was recorded: ``train``)."""
     section = row.get("settings")
-    return section if isinstance(section, str) and section in _ADVICE else TRAIN_SETTINGS
+    return section if isinstance(section, str) and section else TRAIN_SETTINGS
 
 
 def undertraining_advice(flags: pd.DataFrame) -> str:
